@@ -1,0 +1,60 @@
+"""The errors ambasync tells apart, and the exit code each one means.
+
+Per-experiment errors say whether retrying can help (``transient``); run-level
+errors carry the exit code that cron, systemd and scripts act on.
+"""
+
+from __future__ import annotations
+
+# Exit codes: a contract documented in README and `--help`.
+EXIT_OK = 0
+EXIT_FAILED = 1  # some experiments failed
+EXIT_USAGE = 2  # usage or configuration error
+EXIT_LOCKED = 3  # another run holds the lock on the output folder
+EXIT_UPSTREAM = 4  # upstream unreachable or the catalogue query failed
+EXIT_DISK_FULL = 5  # no space left on the output device
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class ExperimentError(Exception):
+    """One experiment could not be mirrored; the run goes on."""
+
+    transient = False
+
+    def __init__(self, reason: str, *, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class TransientError(ExperimentError):
+    """Worth retrying: timeouts, dropped connections, 429/5xx, broken bodies."""
+
+    transient = True
+
+
+class PermanentError(ExperimentError):
+    """Retrying in this run cannot help: 404, no energy.raw, wrong raw length, bad header."""
+
+
+class RunError(Exception):
+    """The whole run must stop; ``exit_code`` says why."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(RunError):
+    exit_code = EXIT_USAGE
+
+
+class LockedError(RunError):
+    exit_code = EXIT_LOCKED
+
+
+class UpstreamError(RunError):
+    exit_code = EXIT_UPSTREAM
+
+
+class DiskFullError(RunError):
+    exit_code = EXIT_DISK_FULL

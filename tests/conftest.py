@@ -1,0 +1,113 @@
+"""Shared test helpers. Everything here is independent of the code under test:
+expected values are computed from the raw grids with plain numpy and the
+notebook's formulas, and MINC files are read with pyminc and `mincinfo`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("AMBASYNC_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+GRIDS = REFERENCE / "allen-grids"
+REAL_ZIPS = {
+    74272479: GRIDS / "Nrp1_P56_coronal_74272479_200um.zip",
+    71717084: GRIDS / "Pdyn_P56_coronal_71717084_200um.zip",
+}
+
+# The notebook's output for the 200 µm grid (RAS, MICe, expansion 1), from allen-api.md §4.
+NOTEBOOK_DIMS = ("zspace", "yspace", "xspace")
+NOTEBOOK_SIZES = (41, 67, 58)
+NOTEBOOK_STARTS = (-2.7, -7.9, -5.7)
+NOTEBOOK_STEPS = (0.2, 0.2, 0.2)
+
+
+def require_reference() -> None:
+    if not GRIDS.is_dir():
+        pytest.fail(f"reference data missing: {GRIDS} (set AMBASYNC_REFERENCE_DIR)")
+
+
+def raw_from_zip(path: Path, member: str = "energy.raw", dtype: str = "<f4") -> np.ndarray:
+    """Decode a grid member the way allen-api.md describes it: little-endian, x fastest."""
+    with zipfile.ZipFile(path) as zf:
+        return np.frombuffer(zf.read(member), dtype=dtype).reshape(58, 41, 67)
+
+
+def notebook_ras(raw: np.ndarray) -> np.ndarray:
+    """The notebook's reorient_to_standard, verbatim."""
+    dat = np.rot90(raw, k=1, axes=(0, 2))
+    dat = np.rot90(dat, k=1, axes=(0, 1))
+    return dat
+
+
+def quantisation_step(values: np.ndarray) -> float:
+    """One step of a 16-bit unsigned quantisation over the volume's real range."""
+    return float(values.max() - values.min()) / 65535
+
+
+def mincinfo(path: Path) -> dict:
+    """Dimension table and direction cosines as `mincinfo` reports them (what users see)."""
+    text = subprocess.run(["mincinfo", str(path)], check=True, capture_output=True, text=True).stdout
+    dims = {}
+    for m in re.finditer(r"^\s+(\w+space)\s+(\d+)\s+(\S+)\s+(\S+)\s*$", text, re.M):
+        dims[m.group(1)] = (int(m.group(2)), float(m.group(3)), float(m.group(4)))
+    order = subprocess.run(["mincinfo", "-vardims", "image", str(path)], check=True, capture_output=True,
+                           text=True).stdout.split()
+    cosines = {}
+    for d in ("xspace", "yspace", "zspace"):
+        out = subprocess.run(["mincinfo", "-attvalue", f"{d}:direction_cosines", str(path)],
+                             capture_output=True, text=True).stdout.split()
+        cosines[d] = tuple(float(v) for v in out) if out else (
+            tuple(float(d == n) for n in ("xspace", "yspace", "zspace")))
+    return {"order": tuple(order), "dims": dims, "cosines": cosines, "text": text}
+
+
+def read_minc(path: Path) -> tuple[np.ndarray, dict]:
+    """Voxels (float, file order) and geometry read back with pyminc."""
+    from pyminc.volumes.factory import volumeFromFile
+
+    vol = volumeFromFile(str(path), dtype="double")
+    try:
+        data = np.array(vol.data)
+        geo = {
+            "dimnames": tuple(vol.dimnames),
+            "sizes": tuple(int(s) for s in vol.sizes[:3]),
+            "starts": tuple(vol.starts),
+            "steps": tuple(vol.separations),
+            "cosines": {d: tuple(vol.get_direction_cosines(d)[:3]) for d in ("xspace", "yspace", "zspace")},
+        }
+    finally:
+        vol.closeVolume()
+    return data, geo
+
+
+def world_axes(geo: dict) -> dict[str, np.ndarray]:
+    """World coordinate of every index along each dimension (identity cosines)."""
+    return {d: geo["starts"][i] + geo["steps"][i] * np.arange(geo["sizes"][i]) for i, d in enumerate(geo["dimnames"])}
+
+
+def resample_like(data: np.ndarray, geo: dict, target: dict) -> np.ndarray:
+    """Values of ``data`` at the voxel centres of ``target``, matched by world coordinates
+    (nearest voxel); raises if a target voxel falls outside ``data``."""
+    src_axes = world_axes(geo)
+    index = []
+    for d in target["dimnames"]:
+        coords = world_axes(target)[d]
+        i = geo["dimnames"].index(d)
+        idx = np.rint((coords - geo["starts"][i]) / geo["steps"][i]).astype(int)
+        assert idx.min() >= 0 and idx.max() < geo["sizes"][i], f"{d} out of range"
+        assert np.allclose(src_axes[d][idx], coords, atol=1e-6)
+        index.append(idx)
+    order = [geo["dimnames"].index(d) for d in target["dimnames"]]
+    return np.transpose(data, order)[np.ix_(*index)]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
