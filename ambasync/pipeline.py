@@ -1,0 +1,485 @@
+"""The mirror run: catalogue producer -> bounded queue -> download workers -> process pool.
+
+Memory is bounded by the queue size, the number of download workers (one zip
+each at most) and the conversions in flight, never by the catalogue. Every
+outcome is written to the state as it happens, so a run can be stopped at any
+moment and the next one picks up where it left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiohttp
+import pandas as pd
+
+from . import catalog
+from .catalog import InvalidRow, Row
+from .config import Config
+from .convert import ConvertJob, ConvertResult, cached_zip_path, convert, init_worker
+from .errors import (
+    EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ExperimentError, PermanentError, RunError, UpstreamError,
+)
+from .fetch import Throttle, get_bytes, make_session, with_retries
+from .lock import OutputLock
+from .minc import sha256_file, sweep_tmp
+from .names import output_name
+from .report import Progress, Summary, log
+from .state import MANIFEST_EXTRA, Output, Record, State
+
+ZIP_SIZE_ESTIMATE = 390_000  # bytes, a typical real grid zip (for --dry-run estimates)
+MAX_FAILURES_IN_REPORT = 1000
+
+
+@dataclass
+class RunOptions:
+    force: bool = False  # redo everything
+    verify: bool = False  # check sha256 of done files before skipping them
+    prune: bool = False  # delete files of experiments the catalogue no longer lists
+    dry_run: bool = False  # say what would be fetched; write nothing
+    retry_failed: bool = False  # retry permanent failures and quarantined experiments too
+    quiet: bool = False
+
+
+@dataclass
+class Job:
+    row: Row
+    targets: tuple[tuple[str, Path], ...]  # (volume, absolute path)
+    cached_zip: Path | None = None  # re-convert from the zip cache instead of downloading
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a run keeps things; sharded runs keep their own state, lock and manifest."""
+
+    out: Path
+    suffix: str = ""
+
+    @property
+    def meta(self) -> Path:
+        return self.out / ".ambasync"
+
+    @property
+    def state(self) -> Path:
+        return self.meta / f"state{self.suffix}.sqlite"
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / f"manifest{self.suffix}.csv"
+
+    @property
+    def reports(self) -> Path:
+        return self.out / "reports"
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> "Paths":
+        shard = cfg.shard
+        return cls(Path(cfg.output.out), f"-shard{shard[0]}of{shard[1]}" if shard else "")
+
+
+def targets_for(cfg: Config, row: Row, plane: str, out: Path) -> tuple[tuple[str, Path], ...]:
+    return tuple(
+        (volume, out / plane / output_name(cfg.convert.name_template, row.gene, row.experiment_id, plane, volume))
+        for volume in cfg.convert.volumes
+    )
+
+
+def sizes_match(rec: Record, out: Path) -> bool:
+    """Cheap check that a done experiment's files are still there, whole."""
+    try:
+        return all((out / o.path).stat().st_size == o.size for o in rec.outputs)
+    except OSError:
+        return False
+
+
+def checksums_match(rec: Record, out: Path) -> bool:
+    """Thorough check (reads every file): run it in a thread."""
+    try:
+        return all(sha256_file(out / o.path) == o.sha256 for o in rec.outputs)
+    except OSError:
+        return False
+
+
+def write_manifest(state: State, path: Path) -> int:
+    """Export the state as CSV, atomically (temporary file, then rename)."""
+    frame = pd.DataFrame(list(state.manifest_rows()), columns=[*catalog.COLUMNS, *MANIFEST_EXTRA])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.ambasync-tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return len(frame)
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, opts: RunOptions | None = None):
+        self.cfg = cfg
+        self.opts = opts or RunOptions()
+        self.paths = Paths.for_config(cfg)
+        self.out = self.paths.out
+        self.summary = Summary()
+        self.progress = Progress(self.summary, cfg.pipeline.progress_interval, self.opts.quiet)
+        self.settings = cfg.settings_key()
+        self.state: State | None = None
+        self.run_id = 0
+        self.stop_code: int | None = None  # set when the run must stop early
+        self.catalogue_complete = False
+        self.would_fetch = 0
+        self._tasks: list[asyncio.Task] = []
+        self.report_path: Path | None = None
+
+    # -- decisions ------------------------------------------------------------
+    async def decide(self, row: Row, plane: str) -> tuple[str, Job | None]:
+        """'fetch' (with a job), or why not: 'skipped' (up to date) / 'quarantined'."""
+        targets = targets_for(self.cfg, row, plane, self.out)
+        rec = self.state.get(row.experiment_id) if self.state else None
+        job = Job(row, targets)
+        if self.opts.force or rec is None:
+            return "fetch", job
+        if rec.status == "done":
+            wanted = sorted((v, str(p.relative_to(self.out))) for v, p in targets)
+            have = sorted((o.volume, o.path) for o in rec.outputs)
+            if rec.settings == self.settings and wanted == have and sizes_match(rec, self.out):
+                if not self.opts.verify or await asyncio.to_thread(checksums_match, rec, self.out):
+                    return "skipped", None
+            if self.cfg.output.keep_zips and rec.zip_sha256:
+                cached = cached_zip_path(self.cache_dir, rec.zip_sha256)
+                if cached.is_file():
+                    job.cached_zip = cached
+            return "fetch", job
+        if rec.status == "failed" and not self.opts.retry_failed:
+            if not rec.transient or rec.failed_runs >= self.cfg.download.quarantine_after:
+                return "quarantined", None
+        return "fetch", job
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.output.cache_dir) if self.cfg.output.cache_dir else self.paths.meta / "zips"
+
+    # -- producer -------------------------------------------------------------
+    def _wanted(self, row: Row) -> bool:
+        src = self.cfg.source
+        if src.genes and row.gene not in src.genes:
+            return False
+        if src.experiment_ids and row.experiment_id not in src.experiment_ids:
+            return False
+        shard = self.cfg.shard
+        return shard is None or row.experiment_id % shard[1] == shard[0]
+
+    async def produce(self, session: aiohttp.ClientSession, queue: asyncio.Queue, throttle: Throttle) -> None:
+        seen: set[int] = set()
+        taken = 0
+        limit = self.cfg.source.limit
+        totals: dict[str, int] = {}
+
+        def on_total(plane: str, n: int) -> None:
+            totals[plane] = n
+            self.summary.catalogue_rows = sum(totals.values())
+            self.progress.set_total(min(limit, self.summary.catalogue_rows) if limit else self.summary.catalogue_rows)
+
+        try:
+            for plane in self.cfg.planes:
+                async for row in catalog.iter_rows(session, self.cfg, plane, throttle, lambda n, p=plane: on_total(p, n)):
+                    if self.stop_code is not None:
+                        return
+                    if isinstance(row, InvalidRow):
+                        self._invalid(row, plane)
+                        continue
+                    if row.experiment_id in seen:  # upstream repeats rows (seen: 78153149)
+                        continue
+                    seen.add(row.experiment_id)
+                    if not self._wanted(row):
+                        continue
+                    if limit and taken >= limit:
+                        return
+                    taken += 1
+                    if self.state and not self.opts.dry_run:
+                        self.state.seen(row.experiment_id, row.gene, plane, row.fields, self.run_id)
+                    verdict, job = await self.decide(row, plane)
+                    if job is None:
+                        self.progress.count(verdict)
+                    elif self.opts.dry_run:
+                        self.would_fetch += 1
+                    else:
+                        await queue.put(job)
+                    if taken % 200 == 0 and self.state and not self.opts.dry_run:
+                        self.state.commit()
+            self.catalogue_complete = not limit or taken < limit
+        except UpstreamError as exc:
+            self._stop(exc.exit_code, str(exc))
+        finally:
+            if self.state and not self.opts.dry_run:
+                self.state.commit()
+
+    def _invalid(self, row: InvalidRow, plane: str) -> None:
+        eid = row.fields.get("experiment_id")
+        log.warning("invalid catalogue row skipped: %s", row.reason, extra={"experiment_id": eid})
+        self.progress.count("invalid")
+        if isinstance(eid, int) and self.state and not self.opts.dry_run:
+            self.state.mark_invalid(eid, str(row.fields.get("gene") or ""), plane, row.fields, self.run_id, row.reason)
+
+    # -- workers --------------------------------------------------------------
+    async def work(self, queue: asyncio.Queue, session: aiohttp.ClientSession, throttle: Throttle,
+                   pool: concurrent.futures.Executor, conversions: asyncio.Semaphore) -> None:
+        while True:
+            job = await queue.get()
+            if job is None:
+                return
+            if self.stop_code is not None:
+                continue  # drain without working, so the producer never blocks
+            await self.handle(job, session, throttle, pool, conversions)
+
+    async def handle(self, job: Job, session: aiohttp.ClientSession, throttle: Throttle,
+                     pool: concurrent.futures.Executor, conversions: asyncio.Semaphore) -> None:
+        row = job.row
+        url = catalog.grid_url(self.cfg.source.base_url, row.experiment_id, tuple(self.cfg.convert.volumes))
+        attempts = 0
+        meta: dict[str, Any] = {}
+        loop = asyncio.get_running_loop()
+
+        async def convert_body(body: bytes) -> ConvertResult:
+            c = self.cfg.convert
+            task = ConvertJob(
+                row.experiment_id, body, tuple((v, str(p)) for v, p in job.targets), c.orientation, c.space,
+                c.expansion, c.dtype, c.max_raw_bytes, str(self.cache_dir) if self.cfg.output.keep_zips else None,
+            )
+            async with conversions:
+                try:
+                    return await loop.run_in_executor(pool, convert, task)
+                except (ExperimentError, RunError):
+                    raise
+                except BrokenProcessPool as exc:
+                    raise RunError(f"the conversion process pool broke ({exc}); run again") from None
+                except Exception as exc:  # libminc or numpy refused the data: say so, per experiment
+                    raise PermanentError(f"conversion failed: {type(exc).__name__}: {exc}") from None
+
+        async def attempt() -> ConvertResult:
+            nonlocal attempts
+            attempts += 1
+            self.summary.requests += 1
+            resp = await get_bytes(session, url, self.cfg.download.max_zip_bytes, throttle)
+            self.summary.bytes_downloaded += len(resp.body)
+            meta.update(last_modified=resp.last_modified, etag=resp.etag)
+            return await convert_body(resp.body)
+
+        for folder in {p.parent for _, p in job.targets}:
+            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            result = None
+            if job.cached_zip is not None:
+                try:
+                    async with aiofiles.open(job.cached_zip, "rb") as fh:
+                        result = await convert_body(await fh.read())
+                except (OSError, ExperimentError) as exc:
+                    log.info("experiment %s: cached zip unusable (%s); downloading", row.experiment_id, exc)
+            if result is None:
+                result = await with_retries(attempt, self.cfg.download, f"experiment {row.experiment_id}")
+        except ExperimentError as exc:
+            try:
+                self._failed(row, url, exc, attempts)
+            except sqlite3.Error as db_exc:
+                self._state_broke(db_exc)
+            return
+        except RunError as exc:
+            self._stop(exc.exit_code, str(exc))
+            return
+        try:
+            self._done(job, result, attempts, meta)
+        except sqlite3.Error as exc:
+            self._state_broke(exc)
+
+    def _state_broke(self, exc: sqlite3.Error) -> None:
+        """The state cannot be written: stop the run (most likely the disk is full)."""
+        full = "full" in str(exc).lower()
+        self._stop(EXIT_DISK_FULL if full else EXIT_FAILED, f"cannot write the state {self.paths.state}: {exc}"
+                   + ("; free space, then run again" if full else ""))
+
+    def _done(self, job: Job, result: ConvertResult, attempts: int, meta: dict[str, Any]) -> None:
+        assert self.state is not None
+        old = self.state.get(job.row.experiment_id)
+        outputs = [Output(v, str(Path(w.path).relative_to(self.out)), w.sha256, w.size) for v, w in result.outputs]
+        self.state.mark_done(job.row.experiment_id, outputs, self.settings, attempts, result.zip_sha256,
+                             result.zip_size, meta.get("last_modified"), meta.get("etag"))
+        keep = {o.path for o in outputs}
+        for stale in (old.outputs if old else []):  # renamed gene, changed template or volumes
+            if stale.path not in keep:
+                (self.out / stale.path).unlink(missing_ok=True)
+        self.summary.bytes_written += sum(o.size for o in outputs)
+        self.progress.count("done")
+
+    def _failed(self, row: Row, url: str, exc: ExperimentError, attempts: int) -> None:
+        assert self.state is not None
+        for o in (rec.outputs if (rec := self.state.get(row.experiment_id)) else []):
+            (self.out / o.path).unlink(missing_ok=True)  # a failed experiment keeps no file
+        self.state.mark_failed(row.experiment_id, exc.reason, exc.transient, attempts, self.run_id)
+        kind = "transient" if exc.transient else "permanent"
+        log.error("experiment %s (%s) failed: %s [%s, %s]", row.experiment_id, row.gene, exc.reason, url, kind,
+                  extra={"experiment_id": row.experiment_id, "gene": row.gene, "url": url, "reason": exc.reason})
+        if len(self.summary.failures) < MAX_FAILURES_IN_REPORT:
+            self.summary.failures.append(
+                {"experiment_id": row.experiment_id, "gene": row.gene, "url": url, "reason": exc.reason, "kind": kind})
+        self.progress.count("failed")
+
+    def _stop(self, code: int, reason: str) -> None:
+        if self.stop_code is None or code in (EXIT_SIGINT, EXIT_SIGTERM):
+            self.stop_code = code
+            self.summary.error = reason
+        log.error("stopping: %s", reason)
+
+    def on_signal(self, signum: int) -> None:
+        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        self._stop(code, f"interrupted by {signal.Signals(signum).name}")
+        for task in self._tasks:
+            task.cancel()
+
+    # -- the run --------------------------------------------------------------
+    def _handle_vanished(self) -> None:
+        src = self.cfg.source
+        if not self.catalogue_complete or self.stop_code is not None or src.genes or src.experiment_ids:
+            return
+        assert self.state is not None
+        for rec in self.state.vanished(self.run_id, self.cfg.planes):
+            self.summary.vanished += 1
+            if self.opts.prune:
+                for o in rec.outputs:
+                    (self.out / o.path).unlink(missing_ok=True)
+                self.state.forget(rec.experiment_id)
+                self.summary.pruned += 1
+            else:
+                log.warning("experiment %s (%s) is no longer in the catalogue; --prune removes its files",
+                            rec.experiment_id, rec.gene)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.progress.tick()
+
+    async def run(self) -> Summary:
+        if self.opts.dry_run:
+            return await self._dry_run()
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(self.paths.meta / f"lock{self.paths.suffix}")
+        lock.acquire()
+        try:
+            swept = sweep_tmp(self.out)
+            if swept:
+                log.info("removed %d temporary files left by an interrupted run", swept)
+            self.state = State(self.paths.state)
+            self.run_id = self.state.start_run()
+            try:
+                await self._mirror()
+            finally:
+                self._finish()
+            try:
+                await self._write_report()
+            except OSError as exc:
+                log.error("could not write the run report: %s", exc)
+        finally:
+            lock.release()
+            self.progress.close()
+        return self.summary
+
+    async def _mirror(self) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        ctx = multiprocessing.get_context("forkserver")
+        pool = concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker)
+        conversions = asyncio.Semaphore(cfg.pipeline.conversions_in_flight or 2 * cfg.workers)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
+        throttle = Throttle(cfg.download.requests_per_second)
+        ticker = asyncio.create_task(self._ticker())
+        try:
+            async with make_session(cfg.download) as session:
+                workers = [asyncio.create_task(self.work(queue, session, throttle, pool, conversions))
+                           for _ in range(cfg.download.concurrency)]
+                producer = asyncio.create_task(self.produce(session, queue, throttle))
+                self._tasks = [producer, *workers]
+                try:
+                    await producer
+                    for _ in workers:
+                        await queue.put(None)
+                    await asyncio.gather(*workers)
+                except asyncio.CancelledError:
+                    if self.stop_code is None:
+                        raise
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            ticker.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            # Conversions already running finish (milliseconds); queued ones are dropped.
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+    def _finish(self) -> None:
+        assert self.state is not None
+        s = self.summary
+        if self.stop_code is None:
+            self._handle_vanished()
+        s.finished = time.time()
+        s.exit_code = self.stop_code if self.stop_code is not None else (EXIT_FAILED if s.failed else EXIT_OK)
+        try:
+            self.state.commit()
+            write_manifest(self.state, self.paths.manifest)
+            self.state.finish_run(self.run_id, s.exit_code, {k: v for k, v in s.to_dict().items() if k != "failures"})
+        except (OSError, sqlite3.Error) as exc:  # the state itself stays consistent: it is transactional
+            log.error("could not write the manifest or close the run record: %s", exc)
+            if s.exit_code == EXIT_OK:
+                s.exit_code = EXIT_FAILED
+        finally:
+            self.state.db.close()
+
+    async def _write_report(self) -> None:
+        """The run's summary as JSON in {out}/reports/ (via aiofiles: the loop never blocks on disk)."""
+        self.paths.reports.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self.summary.started))
+        path = self.paths.reports / f"run-{stamp}{self.paths.suffix}.json"
+        tmp = path.with_name(f".{path.name}.ambasync-tmp")
+        async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
+            await fh.write(json.dumps(self.summary.to_dict(), indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
+        self.report_path = path
+
+    async def _dry_run(self) -> Summary:
+        if self.paths.state.is_file():
+            self.state = State(self.paths.state, readonly=True)
+        throttle = Throttle(self.cfg.download.requests_per_second)
+        try:
+            async with make_session(self.cfg.download) as session:
+                await self.produce(session, asyncio.Queue(), throttle)
+        finally:
+            if self.state:
+                self.state.db.close()
+        self.summary.finished = time.time()
+        self.summary.exit_code = self.stop_code or EXIT_OK
+        return self.summary
+
+
+def install_uvloop(enabled: bool) -> bool:
+    if not enabled:
+        return False
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run_mirror(cfg: Config, opts: RunOptions | None = None) -> Summary:
+    """Run one mirror pass to completion (or until stopped) and return its summary."""
+    install_uvloop(cfg.pipeline.uvloop)
+    pipeline = Pipeline(cfg, opts)
+    return asyncio.run(pipeline.run())

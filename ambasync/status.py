@@ -1,0 +1,42 @@
+"""`ambasync status`: what the mirror holds, read from its state alone (no network)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from .config import Config
+from .pipeline import Paths
+from .state import State
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def print_status(cfg: Config, failures: int = 20) -> int:
+    paths = Paths.for_config(cfg)
+    if not paths.state.is_file():
+        print(f"no mirror at {paths.out} yet (no {paths.state}); run `python -m ambasync run --out {paths.out}`")
+        return 0
+    state = State(paths.state, readonly=True)
+    try:
+        print(f"mirror at {paths.out}")
+        print(f"{'plane':<10} {'status':<8} {'experiments':>11}")
+        for row in state.counts():
+            print(f"{row['plane']:<10} {row['status']:<8} {row['n']:>11}")
+        print("\nlast runs:")
+        for run in state.last_runs(5):
+            summary = json.loads(run["summary"]) if run["summary"] else {}
+            outcome = f"exit {run['exit_code']}" if run["finished"] else "unfinished (killed, or still running)"
+            print(f"  #{run['run_id']} {_when(run['started'])} {outcome}: {summary.get('done', 0)} done, "
+                  f"{summary.get('failed', 0)} failed, {summary.get('skipped', 0)} skipped, "
+                  f"{summary.get('duration_s', 0):.0f} s")
+        rows = state.failures(failures)
+        if rows:
+            print(f"\nfailures (first {failures}):")
+            for f in rows:
+                print(f"  {f['experiment_id']} {f['gene']} [{f['status']}, failed runs {f['failed_runs']}]: {f['error']}")
+    finally:
+        state.db.close()
+    return 0
