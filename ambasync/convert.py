@@ -12,6 +12,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import atomic_path
 from .geometry import output_geometry, reorient
 from .grid import read_grid
 from .minc import Written, write_volume
@@ -54,9 +55,8 @@ def _keep_zip(cache_dir: str, sha256: str, body: bytes) -> None:
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.ambasync-tmp")
-    tmp.write_bytes(body)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(body)
 
 
 def convert(job: ConvertJob) -> ConvertResult:

@@ -1,15 +1,8 @@
-"""Write (and read back) MINC volumes with pyminc, atomically.
-
-A volume is written under a temporary name in its destination folder, flushed
-to disk, hashed, then renamed into place: a final name never holds a partial
-file, whatever kills the process. Leftovers carry ``TMP_SUFFIX`` and are swept
-by the next run.
-"""
+"""Write (and read back) MINC volumes with pyminc, atomically (see :mod:`ambasync.files`)."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DiskFullError
+from .files import atomic_path, sha256_file
 from .geometry import Geometry
 
-TMP_SUFFIX = ".ambasync-tmp"
 DTYPES = ("ushort", "float")
 
 
@@ -28,27 +21,6 @@ class Written:
     path: str
     sha256: str
     size: int
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tmp_name(path: Path) -> Path:
-    """Hidden temporary sibling of ``path``, unique per process."""
-    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _raise_if_disk_full(folder: Path, exc: BaseException) -> None:
@@ -72,35 +44,29 @@ def write_volume(data: np.ndarray, geometry: Geometry, path: Path, dtype: str) -
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     if tuple(data.shape) != tuple(geometry.sizes):
         raise ValueError(f"data shape {data.shape} does not match geometry {geometry.sizes}")
-    tmp = tmp_name(path)
     try:
-        vol = volumeFromDescription(
-            outputFilename=str(tmp),
-            dimnames=list(geometry.dimnames),
-            sizes=geometry.sizes,
-            starts=list(geometry.starts),
-            steps=list(geometry.steps),
-            x_dir_cosines=geometry.x_cosines,
-            y_dir_cosines=geometry.y_cosines,
-            z_dir_cosines=geometry.z_cosines,
-            volumeType=dtype,
-            dtype="float",
-        )
-        try:
-            vol.data = data
-            vol.writeFile()
-        finally:
-            vol.closeVolume()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception):
-            _raise_if_disk_full(path.parent, exc)
+        with atomic_path(path, durable=True) as tmp:
+            vol = volumeFromDescription(
+                outputFilename=str(tmp),
+                dimnames=list(geometry.dimnames),
+                sizes=geometry.sizes,
+                starts=list(geometry.starts),
+                steps=list(geometry.steps),
+                x_dir_cosines=geometry.x_cosines,
+                y_dir_cosines=geometry.y_cosines,
+                z_dir_cosines=geometry.z_cosines,
+                volumeType=dtype,
+                dtype="float",
+            )
+            try:
+                vol.data = data
+                vol.writeFile()
+            finally:
+                vol.closeVolume()
+            digest = sha256_file(tmp)
+            size = tmp.stat().st_size
+    except Exception as exc:
+        _raise_if_disk_full(path.parent, exc)
         raise
     return Written(str(path), digest, size)
 
@@ -125,12 +91,3 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     finally:
         vol.closeVolume()
     return data, geometry
-
-
-def sweep_tmp(root: Path) -> int:
-    """Remove temporary files a killed run left below ``root``; returns how many."""
-    removed = 0
-    for tmp in root.rglob(f"*{TMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
-        removed += 1
-    return removed

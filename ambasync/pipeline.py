@@ -35,7 +35,7 @@ from .errors import (
 )
 from .fetch import Throttle, get_bytes, make_session, with_retries
 from .lock import OutputLock
-from .minc import sha256_file, sweep_tmp
+from .files import atomic_path, sha256_file, sweep_tmp
 from .names import output_name
 from .report import Progress, Summary, log
 from .state import MANIFEST_EXTRA, Output, Record, State
@@ -116,9 +116,8 @@ def checksums_match(rec: Record, out: Path) -> bool:
 def write_manifest(state: State, path: Path) -> int:
     """Export the state as CSV, atomically (temporary file, then rename)."""
     frame = pd.DataFrame(list(state.manifest_rows()), columns=[*catalog.COLUMNS, *MANIFEST_EXTRA])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.ambasync-tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return len(frame)
 
 
@@ -256,7 +255,15 @@ class Pipeline:
             )
             async with conversions:
                 try:
-                    return await loop.run_in_executor(pool, convert, task)
+                    future = loop.run_in_executor(pool, convert, task)
+                    try:
+                        return await asyncio.shield(future)
+                    except asyncio.CancelledError:
+                        if self.stop_code is None:
+                            raise
+                        # Stopping: this conversion is already writing its file; let it finish
+                        # (milliseconds) so the file is recorded rather than orphaned.
+                        return await future
                 except (ExperimentError, RunError):
                     raise
                 except BrokenProcessPool as exc:
@@ -446,10 +453,9 @@ class Pipeline:
         self.paths.reports.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self.summary.started))
         path = self.paths.reports / f"run-{stamp}{self.paths.suffix}.json"
-        tmp = path.with_name(f".{path.name}.ambasync-tmp")
-        async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
-            await fh.write(json.dumps(self.summary.to_dict(), indent=2, ensure_ascii=False))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
+                await fh.write(json.dumps(self.summary.to_dict(), indent=2, ensure_ascii=False))
         self.report_path = path
 
     async def _dry_run(self) -> Summary:

@@ -15,7 +15,8 @@ from pathlib import Path
 from .config import Config
 from .errors import EXIT_FAILED, EXIT_OK
 from .geometry import output_geometry
-from .minc import read_volume, sha256_file
+from .files import sha256_file
+from .minc import read_volume
 from .pipeline import Paths, RunOptions, run_mirror
 from .state import Output, State
 

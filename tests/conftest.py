@@ -111,3 +111,77 @@ def resample_like(data: np.ndarray, geo: dict, target: dict) -> np.ndarray:
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def mirror_config(base_url: str, out: Path, **settings):
+    """A run's settings for tests: the shipped defaults, fast retries, plus ``section__key=value``."""
+    from ambasync.config import DEFAULT_CONFIG_TEXT, load_config
+
+    overrides = {
+        ("source", "base_url"): base_url, ("output", "out"): str(out), ("source", "page_size"): 50,
+        ("download", "backoff_base"): 0.01, ("download", "backoff_max"): 0.05, ("download", "read_timeout"): 3.0,
+        ("convert", "workers"): 2, ("pipeline", "uvloop"): False,
+    }
+    for name, value in settings.items():
+        section, key = name.split("__")
+        overrides[(section, key)] = value
+    return load_config(DEFAULT_CONFIG_TEXT, overrides, environ={})
+
+
+async def mirror(base_url: str, out: Path, opts=None, **settings):
+    """Run the real pipeline in this event loop; returns its summary."""
+    from ambasync.pipeline import Pipeline, RunOptions
+
+    return await Pipeline(mirror_config(base_url, out, **settings), opts or RunOptions(quiet=True)).run()
+
+
+def manifest(out: Path):
+    import pandas as pd
+
+    return pd.read_csv(out / "manifest.csv", keep_default_na=False, na_values=[""])
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class ReplicaProcess:
+    """`python -m ambasync replica` in a subprocess (for tests that kill the mirror process)."""
+
+    def __init__(self, *args: str):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "ambasync", "replica", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("http://127.0.0.1:"), self.url
+
+    def stats(self) -> dict:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/replica/stats", timeout=10) as resp:
+            return json.load(resp)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def ambasync_cmd(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "ambasync", *args]
+
+
+def state_rows(out: Path, sql: str) -> list[tuple]:
+    import sqlite3
+
+    db = sqlite3.connect(out / ".ambasync" / "state.sqlite")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
