@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install what ambasync needs; the one install step shared by the README (make), .ci/run and the Dockerfile.
+# Idempotent: a second call finds everything present and installs nothing.
+#
+#   scripts/install.sh                 system packages + the project, editable, with test extras
+#   scripts/install.sh --system-only   only the Debian packages (libminc-dev, minc-tools)
+#   scripts/install.sh --no-dev        system packages + the project, non-editable, no extras (Docker)
+#   scripts/install.sh --with-bench    also aria2 (the benchmark's plain-downloader baseline)
+#
+# Environment: PYTHON (default python3).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+system_only=0
+dev=1
+packages=(libminc-dev minc-tools)
+for arg in "$@"; do
+  case "$arg" in
+    --system-only) system_only=1 ;;
+    --no-dev) dev=0 ;;
+    --with-bench) packages+=(aria2) ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+say() { echo "install.sh: $*" >&2; }
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { say "need root or sudo to install ${missing[*]}"; exit 1; }
+    sudo="sudo"
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "Debian packages present: ${packages[*]}"
+fi
+((system_only)) && exit 0
+
+if ((dev)); then
+  say "installing ambasync (editable, with test extras) into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+else
+  say "installing ambasync into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-cache-dir .
+fi
