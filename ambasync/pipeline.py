@@ -115,7 +115,8 @@ def checksums_match(rec: Record, out: Path) -> bool:
 
 def write_manifest(state: State, path: Path) -> int:
     """Export the state as CSV, atomically (temporary file, then rename)."""
-    frame = pd.DataFrame(list(state.manifest_rows()), columns=[*catalog.COLUMNS, *MANIFEST_EXTRA])
+    # dtype=object keeps integer ids with nulls as integers (pandas would make them floats)
+    frame = pd.DataFrame(list(state.manifest_rows()), columns=[*catalog.COLUMNS, *MANIFEST_EXTRA], dtype=object)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return len(frame)
@@ -134,7 +135,6 @@ class Pipeline:
         self.run_id = 0
         self.stop_code: int | None = None  # set when the run must stop early
         self.catalogue_complete = False
-        self.would_fetch = 0
         self._tasks: list[asyncio.Task] = []
         self.report_path: Path | None = None
 
@@ -209,7 +209,7 @@ class Pipeline:
                     if job is None:
                         self.progress.count(verdict)
                     elif self.opts.dry_run:
-                        self.would_fetch += 1
+                        self.summary.would_fetch += 1
                     else:
                         await queue.put(job)
                     if taken % 200 == 0 and self.state and not self.opts.dry_run:
@@ -368,8 +368,9 @@ class Pipeline:
                             rec.experiment_id, rec.gene)
 
     async def _ticker(self) -> None:
+        period = min(1.0, self.cfg.pipeline.progress_interval / 2)
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(period)
             self.progress.tick()
 
     async def run(self) -> Summary:

@@ -31,6 +31,7 @@ class Summary:
     invalid: int = 0
     vanished: int = 0
     pruned: int = 0
+    would_fetch: int = 0  # --dry-run
     requests: int = 0
     bytes_downloaded: int = 0
     bytes_written: int = 0

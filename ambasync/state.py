@@ -219,9 +219,12 @@ class State:
               "WHERE status IN ('failed', 'invalid') ORDER BY experiment_id"
         return self.db.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
 
+    def ids_with_status(self, status: str) -> list[int]:
+        return [r[0] for r in self.db.execute(
+            "SELECT experiment_id FROM experiments WHERE status = ? ORDER BY experiment_id", (status,))]
+
     def iter_done(self) -> Iterator[Record]:
-        ids = [r[0] for r in self.db.execute("SELECT experiment_id FROM experiments WHERE status = 'done' ORDER BY experiment_id")]
-        for eid in ids:
+        for eid in self.ids_with_status("done"):
             rec = self.get(eid)
             if rec is not None:
                 yield rec

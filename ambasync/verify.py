@@ -64,12 +64,15 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
                 broken.append(rec.experiment_id)
                 log.error("experiment %s (%s): %s", rec.experiment_id, rec.gene, "; ".join(problems))
                 state.mark_pending(rec.experiment_id, "verify: " + "; ".join(problems))
+        waiting = [eid for eid in state.ids_with_status("pending") if eid not in broken]
     finally:
         state.close()
     print(f"verify: {checked} files checked, {len(broken)} experiments broken or missing"
           + (" (marked for the next run)" if broken and not repair else ""))
-    if broken and repair:
-        fix = replace(cfg, source=replace(cfg.source, experiment_ids=broken, limit=0))
+    if waiting:
+        print(f"verify: {len(waiting)} more experiments are waiting to be fetched again (found broken earlier)")
+    if (broken or waiting) and repair:
+        fix = replace(cfg, source=replace(cfg.source, experiment_ids=broken + waiting, limit=0))
         summary = run_mirror(fix, RunOptions())
         print(f"verify --repair: {summary.done} experiments fetched again, {summary.failed} failed")
-    return EXIT_FAILED if broken else EXIT_OK
+    return EXIT_FAILED if broken or waiting else EXIT_OK
