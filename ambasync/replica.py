@@ -109,7 +109,7 @@ def synthetic_grid(seed: int, experiment_id: int, volume: str = "energy") -> np.
     """Deterministic grid: -1 outside an off-centre ellipsoid, inside non-negative values with
     exact zeros and a gradient along every axis, so any flip or transpose changes it."""
     z, y, x = np.ogrid[: GRID_SHAPE[0], : GRID_SHAPE[1], : GRID_SHAPE[2]]
-    inside = ((z - 30) / 25.0) ** 2 + ((y - 18) / 17.0) ** 2 + ((x - 35) / 29.0) ** 2 <= 1.0
+    inside = ((z - 30) / 32.0) ** 2 + ((y - 18) / 23.0) ** 2 + ((x - 35) / 38.0) ** 2 <= 1.0  # ~1/3 outside
     rng = np.random.default_rng([seed, experiment_id, VOLUMES.index(volume) if volume in VOLUMES else 9])
     values = rng.gamma(1.5, 1.0, GRID_SHAPE).astype(np.float32)
     values += (0.01 * z + 0.02 * y + 0.03 * x).astype(np.float32)
@@ -228,9 +228,7 @@ class Replica:
             if not (bad == "no_energy" and v == "energy"):
                 members.append((f"{v}.raw", raw))
             members.append((f"{v}.mhd", MHD_TEMPLATE.format(volume=v).encode()))
-        if include is None:  # real order: data_set.xml, energy.raw, energy.mhd
-            return _zip(members)
-        return _zip(members)
+        return _zip(members)  # real order: data_set.xml, energy.raw, energy.mhd
 
     def _fault(self, experiment_id: int, n: int) -> str | None:
         c = self.config
