@@ -134,6 +134,7 @@ class Pipeline:
         self.state: State | None = None
         self.run_id = 0
         self.stop_code: int | None = None  # set when the run must stop early
+        self.interrupted = False  # SIGINT/SIGTERM: stop now
         self.catalogue_complete = False
         self._tasks: list[asyncio.Task] = []
         self.report_path: Path | None = None
@@ -231,12 +232,12 @@ class Pipeline:
     # -- workers --------------------------------------------------------------
     async def work(self, queue: asyncio.Queue, session: aiohttp.ClientSession, throttle: Throttle,
                    pool: concurrent.futures.Executor, conversions: asyncio.Semaphore) -> None:
-        while True:
+        while not self.interrupted:  # interrupted: tasks were cancelled; nobody feeds the queue any more
             job = await queue.get()
             if job is None:
                 return
             if self.stop_code is not None:
-                continue  # drain without working, so the producer never blocks
+                continue  # stopping: drain without working, so the producer never blocks
             await self.handle(job, session, throttle, pool, conversions)
 
     async def handle(self, job: Job, session: aiohttp.ClientSession, throttle: Throttle,
@@ -347,6 +348,7 @@ class Pipeline:
     def on_signal(self, signum: int) -> None:
         code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
         self._stop(code, f"interrupted by {signal.Signals(signum).name}")
+        self.interrupted = True
         for task in self._tasks:
             task.cancel()
 
