@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--fault-rate", type=float, default=0.0, help="share of grid requests given a transient fault")
     rep.add_argument("--max-connections", type=int, default=0, help="answer 429 beyond this many requests in flight")
     rep.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and faults")
+    rep.add_argument("--prebuild", action="store_true", help="build every zip before serving (benchmarks)")
+    rep.add_argument("--variants", type=int, default=0, metavar="K",
+                     help="serve only K distinct synthetic grids, cycled by id (atlas-scale benchmarks)")
 
     demo = sub.add_parser("demo", help="mirror a few dozen experiments from an in-process replica (offline)")
     demo.add_argument("--out", default="demo", metavar="DIR", help="output folder (default ./demo)")
@@ -165,7 +168,8 @@ def cmd_replica(args: argparse.Namespace) -> int:
 
     main_serve(ReplicaConfig(n_coronal=args.experiments, n_sagittal=args.sagittal, seed=args.seed,
                              latency_ms=args.latency_ms, bandwidth_kbps=args.bandwidth_kbps,
-                             fault_rate=args.fault_rate, max_connections=args.max_connections), args.port)
+                             fault_rate=args.fault_rate, max_connections=args.max_connections,
+                             prebuild=args.prebuild, variants=args.variants), args.port)
     return EXIT_OK
 
 

@@ -104,14 +104,18 @@ async def get_bytes(
             declared = resp.content_length
             if declared is not None and declared > max_bytes:
                 raise PermanentError(f"{url} announces {declared} bytes, over the limit of {max_bytes}")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PermanentError(f"{url} sent more than {max_bytes} bytes: abandoned")
-                chunks.append(chunk)
-            return Response(b"".join(chunks), resp.headers.get("Last-Modified"), resp.headers.get("ETag"))
+            if declared is not None:  # the parser stops at Content-Length: one read, no chunk loop
+                body = await resp.read()
+            else:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PermanentError(f"{url} sent more than {max_bytes} bytes: abandoned")
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+            return Response(body, resp.headers.get("Last-Modified"), resp.headers.get("ETag"))
     except ExperimentError:
         raise
     except asyncio.TimeoutError:
@@ -125,10 +129,11 @@ async def get_bytes(
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
-    """Full-jitter exponential backoff; a server's Retry-After is a floor."""
+    """Full-jitter exponential backoff; a server's Retry-After is a floor (bounded by ``cap``,
+    so one answer cannot park a worker for hours)."""
     delay = random.uniform(0, min(cap, base * (2 ** attempt)))
     if retry_after is not None:
-        delay = max(delay, min(retry_after, max(cap, retry_after)))
+        delay = max(delay, min(retry_after, cap))
     return delay
 
 

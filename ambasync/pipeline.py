@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import csv
 import json
 import logging
 import multiprocessing
@@ -24,7 +25,6 @@ from typing import Any
 
 import aiofiles
 import aiohttp
-import pandas as pd
 
 from . import catalog
 from .catalog import InvalidRow, Row
@@ -58,6 +58,7 @@ class RunOptions:
 class Job:
     row: Row
     targets: tuple[tuple[str, Path], ...]  # (volume, absolute path)
+    previous: Record | None = None  # what the state held before this run
     cached_zip: Path | None = None  # re-convert from the zip cache instead of downloading
 
 
@@ -114,12 +115,16 @@ def checksums_match(rec: Record, out: Path) -> bool:
 
 
 def write_manifest(state: State, path: Path) -> int:
-    """Export the state as CSV, atomically (temporary file, then rename)."""
-    # dtype=object keeps integer ids with nulls as integers (pandas would make them floats)
-    frame = pd.DataFrame(list(state.manifest_rows()), columns=[*catalog.COLUMNS, *MANIFEST_EXTRA], dtype=object)
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    return len(frame)
+    """Export the state as CSV (readable with pandas), atomically: temporary file, then rename."""
+    columns = [*catalog.COLUMNS, *MANIFEST_EXTRA]
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        for row in state.manifest_rows():
+            writer.writerow(row)
+            count += 1
+    return count
 
 
 class Pipeline:
@@ -138,13 +143,14 @@ class Pipeline:
         self.catalogue_complete = False
         self._tasks: list[asyncio.Task] = []
         self.report_path: Path | None = None
+        self._folders: set[Path] = set()  # output folders known to exist
 
     # -- decisions ------------------------------------------------------------
     async def decide(self, row: Row, plane: str) -> tuple[str, Job | None]:
         """'fetch' (with a job), or why not: 'skipped' (up to date) / 'quarantined'."""
         targets = targets_for(self.cfg, row, plane, self.out)
         rec = self.state.get(row.experiment_id) if self.state else None
-        job = Job(row, targets)
+        job = Job(row, targets, rec)
         if self.opts.force or rec is None:
             return "fetch", job
         if rec.status == "done":
@@ -281,8 +287,9 @@ class Pipeline:
             meta.update(last_modified=resp.last_modified, etag=resp.etag)
             return await convert_body(resp.body)
 
-        for folder in {p.parent for _, p in job.targets}:
+        for folder in {p.parent for _, p in job.targets} - self._folders:
             folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
         try:
             result = None
             if job.cached_zip is not None:
@@ -315,7 +322,7 @@ class Pipeline:
 
     def _done(self, job: Job, result: ConvertResult, attempts: int, meta: dict[str, Any]) -> None:
         assert self.state is not None
-        old = self.state.get(job.row.experiment_id)
+        old = job.previous
         outputs = [Output(v, str(Path(w.path).relative_to(self.out)), w.sha256, w.size) for v, w in result.outputs]
         self.state.mark_done(job.row.experiment_id, outputs, self.settings, attempts, result.zip_sha256,
                              result.zip_size, meta.get("last_modified"), meta.get("etag"))
@@ -406,7 +413,10 @@ class Pipeline:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal, sig)
         ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["ambasync.convert"])
         pool = concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker)
+        # Start every worker now, while the first catalogue page is on its way, not on the first grid.
+        warming = [loop.run_in_executor(pool, os.getpid) for _ in range(cfg.workers)]
         conversions = asyncio.Semaphore(cfg.pipeline.conversions_in_flight or 2 * cfg.workers)
         queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
         throttle = Throttle(cfg.download.requests_per_second)
@@ -427,6 +437,7 @@ class Pipeline:
                         raise
                     await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
+            await asyncio.gather(*warming, return_exceptions=True)
             ticker.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)

@@ -68,6 +68,7 @@ class ReplicaConfig:
     real_dir: str | None = None
     zip_cache: int = 256
     prebuild: bool = False
+    variants: int = 0  # >0: experiment i serves the grid (and zip) of variant i % variants; for atlas-scale benchmarks
 
 
 @dataclass
@@ -150,7 +151,7 @@ class Replica:
         if self.config.prebuild:
             self.zip_bytes = functools.lru_cache(maxsize=None)(self._build_zip)  # type: ignore[method-assign]
             for row in self.rows:
-                self.zip_bytes(row["experiment_id"])
+                self.zip_for(row["experiment_id"])
 
     # -- catalogue --------------------------------------------------------------
     def _row(self, eid: int, gene: str, plane: str, i: int) -> dict[str, Any]:
@@ -209,7 +210,17 @@ class Replica:
         if experiment_id in REAL_IDS and self.real_dir is not None and volume == "energy":
             with zipfile.ZipFile(self.real_dir / REAL_FILES[experiment_id]) as zf:
                 return np.frombuffer(zf.read("energy.raw"), "<f4").reshape(GRID_SHAPE)
-        return synthetic_grid(self.config.seed, experiment_id, volume)
+        return synthetic_grid(self.config.seed, self._variant(experiment_id), volume)
+
+    def _variant(self, experiment_id: int) -> int:
+        v = self.config.variants
+        return experiment_id if v <= 0 or experiment_id in self.config.bad else experiment_id % v
+
+    def zip_for(self, experiment_id: int, include: tuple[str, ...] | None = None) -> bytes:
+        """The zip served for an experiment (cached; shared between experiments with ``variants``)."""
+        if self.config.variants > 0 and experiment_id not in REAL_IDS:
+            experiment_id = self._variant(experiment_id)
+        return self.zip_bytes(experiment_id, include)
 
     def _build_zip(self, experiment_id: int, include: tuple[str, ...] | None = None) -> bytes:
         bad = self.config.bad.get(experiment_id)
@@ -315,7 +326,7 @@ class Replica:
             if c.bad.get(eid) == "not_zip":
                 return await self._send(request, HTML_ERROR.format(status="Service Unavailable").encode(), "text/html")
             include = tuple(v for v in request.query.get("include", "").split(",") if v) or None
-            body = self.zip_bytes(eid, include)
+            body = self.zip_for(eid, include)
             if fault == "drop":
                 stats.faults[fault] += 1
                 return await self._send(request, body, "application/zip", cut=len(body) // 2)

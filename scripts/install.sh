@@ -5,7 +5,7 @@
 #   scripts/install.sh                 system packages + the project, editable, with test extras
 #   scripts/install.sh --system-only   only the Debian packages (libminc-dev, minc-tools)
 #   scripts/install.sh --no-dev        system packages + the project, non-editable, no extras (Docker)
-#   scripts/install.sh --with-bench    also aria2 (the benchmark's plain-downloader baseline)
+#   scripts/install.sh --with-bench    also aria2 and requests (the benchmark's baselines)
 #
 # Environment: PYTHON (default python3).
 set -euo pipefail
@@ -14,12 +14,13 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 system_only=0
 dev=1
+extras="test"
 packages=(libminc-dev minc-tools)
 for arg in "$@"; do
   case "$arg" in
     --system-only) system_only=1 ;;
     --no-dev) dev=0 ;;
-    --with-bench) packages+=(aria2) ;;
+    --with-bench) packages+=(aria2); extras="test,bench" ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -45,8 +46,8 @@ fi
 ((system_only)) && exit 0
 
 if ((dev)); then
-  say "installing ambasync (editable, with test extras) into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  say "installing ambasync (editable, extras: $extras) into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
 else
   say "installing ambasync into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-cache-dir .

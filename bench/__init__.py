@@ -1,0 +1,1 @@
+"""ambasync's benchmark: `python -m bench --help`."""
