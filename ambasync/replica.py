@@ -385,6 +385,32 @@ async def serve(config: ReplicaConfig | Replica | None = None, port: int = 0) ->
         await runner.cleanup()
 
 
+class ReplicaProcess:
+    """`python -m ambasync replica` in a subprocess, for tests and benchmarks that must kill or
+    measure the mirror as a whole process; ``args`` are the command's options."""
+
+    def __init__(self, *args: str):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "ambasync", "replica", "--port", "0", *args],
+                                     stdout=subprocess.PIPE, text=True)
+        self.url = (self.proc.stdout.readline() if self.proc.stdout else "").strip()
+        if not self.url.startswith("http://127.0.0.1:"):
+            self.proc.kill()
+            raise RuntimeError(f"the replica did not start (said {self.url!r})")
+
+    def stats(self) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/replica/stats", timeout=30) as resp:
+            return json.load(resp)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def main_serve(config: ReplicaConfig, port: int) -> None:
     """Serve until SIGINT/SIGTERM; the first line on stdout is the base URL."""
 

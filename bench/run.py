@@ -22,11 +22,10 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ambasync.replica import Replica, ReplicaConfig
+from ambasync.replica import Replica, ReplicaConfig, ReplicaProcess
 
 PY = sys.executable
 
@@ -113,23 +112,6 @@ def measure(method: str, cmd: list[str], experiments: int, watch: Path | None = 
                   round(cpu, 2), None if first is None else round(first, 3), note)
 
 
-class ReplicaServer:
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([PY, "-m", "ambasync", "replica", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, text=True)
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http://127.0.0.1:"):
-            raise SystemExit(f"replica did not start: {self.url!r}")
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/replica/stats", timeout=30) as resp:
-            return json.load(resp)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 def ambasync_cmd(url: str, out: Path, n: int, concurrency: int, *extra: str) -> list[str]:
     return [PY, "-m", "ambasync", "run", "--base-url", url, "--out", str(out), "--limit", str(n),
             "--concurrency", str(concurrency), "-q", *extra]
@@ -139,7 +121,7 @@ def scenario_compare(args: argparse.Namespace, work: Path) -> dict:
     n = args.experiments
     rep_args = ["--experiments", str(n), "--sagittal", "0", "--latency-ms", str(args.latency_ms),
                 "--bandwidth-kbps", str(args.bandwidth_kbps), "--prebuild"]
-    server = ReplicaServer(*rep_args)
+    server = ReplicaProcess(*rep_args)
     results: list[Result] = []
     try:
         ids = [r["experiment_id"] for r in Replica(ReplicaConfig(n_coronal=n, n_sagittal=0)).rows][:n]
@@ -185,7 +167,7 @@ def scenario_compare(args: argparse.Namespace, work: Path) -> dict:
 def scenario_memory(args: argparse.Namespace, work: Path) -> dict:
     results = []
     for n in (200, 2000):
-        server = ReplicaServer("--experiments", str(n), "--sagittal", "0", "--variants", "256")
+        server = ReplicaProcess("--experiments", str(n), "--sagittal", "0", "--variants", "256")
         try:
             results.append(measure(f"ambasync {n}", ambasync_cmd(server.url, work / f"m{n}", n, args.concurrency),
                                    n, note="loopback"))
@@ -197,7 +179,7 @@ def scenario_memory(args: argparse.Namespace, work: Path) -> dict:
 
 
 def scenario_atlas(args: argparse.Namespace, work: Path) -> dict:
-    server = ReplicaServer("--experiments", "4343", "--sagittal", "21733", "--variants", "256")
+    server = ReplicaProcess("--experiments", "4343", "--sagittal", "21733", "--variants", "256")
     try:
         out = work / "atlas"
         full = measure("atlas: full mirror", [PY, "-m", "ambasync", "run", "--base-url", server.url, "--out", str(out),

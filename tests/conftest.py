@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ambasync.replica import ReplicaProcess  # noqa: F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("AMBASYNC_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
 GRIDS = REFERENCE / "allen-grids"
@@ -145,30 +147,6 @@ def sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class ReplicaProcess:
-    """`python -m ambasync replica` in a subprocess (for tests that kill the mirror process)."""
-
-    def __init__(self, *args: str):
-        import subprocess
-        import sys
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "ambasync", "replica", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, text=True)
-        self.url = self.proc.stdout.readline().strip()
-        assert self.url.startswith("http://127.0.0.1:"), self.url
-
-    def stats(self) -> dict:
-        import json
-        import urllib.request
-
-        with urllib.request.urlopen(f"{self.url}/replica/stats", timeout=10) as resp:
-            return json.load(resp)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 def ambasync_cmd(*args: str) -> list[str]:
