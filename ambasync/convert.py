@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +41,26 @@ class ConvertResult:
     zip_size: int
 
 
-def init_worker() -> None:
+def init_worker(run_pid: int | None = None) -> None:
     """Pool initializer: Ctrl-C belongs to the parent, which stops the run cleanly;
-    import libminc once here rather than on the first experiment."""
+    import libminc once here rather than on the first experiment; and leave when the run's
+    process is gone (a ``kill -9`` of it would otherwise leave workers waiting forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import pyminc.volumes.factory  # noqa: F401
+
+    if run_pid is not None:
+        threading.Thread(target=_exit_with, args=(run_pid,), daemon=True, name="ambasync-watchdog").start()
+
+
+def _exit_with(pid: int, period: float = 1.0) -> None:
+    while True:
+        time.sleep(period)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)  # a conversion cut short leaves only a temporary file, swept by the next run
+        except PermissionError:
+            pass
 
 
 def cached_zip_path(cache_dir: str | os.PathLike, sha256: str) -> Path:

@@ -302,7 +302,7 @@ class Pipeline:
                 result = await with_retries(attempt, self.cfg.download, f"experiment {row.experiment_id}")
         except ExperimentError as exc:
             try:
-                self._failed(row, url, exc, attempts)
+                self._failed(job, url, exc, attempts)
             except sqlite3.Error as db_exc:
                 self._state_broke(db_exc)
             return
@@ -333,11 +333,17 @@ class Pipeline:
         self.summary.bytes_written += sum(o.size for o in outputs)
         self.progress.count("done")
 
-    def _failed(self, row: Row, url: str, exc: ExperimentError, attempts: int) -> None:
+    def _failed(self, job: Job, url: str, exc: ExperimentError, attempts: int) -> None:
         assert self.state is not None
-        for o in (rec.outputs if (rec := self.state.get(row.experiment_id)) else []):
-            (self.out / o.path).unlink(missing_ok=True)  # a failed experiment keeps no file
-        self.state.mark_failed(row.experiment_id, exc.reason, exc.transient, attempts, self.run_id)
+        row, prev = job.row, job.previous
+        if prev is not None and prev.status == "done" and sizes_match(prev, self.out):
+            # A refresh (--force, new settings, --verify) failed: the files from before are still
+            # good, so keep them and their record, and note the error.
+            self.state.note_error(row.experiment_id, exc.reason, exc.transient, attempts)
+        else:
+            for o in (prev.outputs if prev else []):
+                (self.out / o.path).unlink(missing_ok=True)  # a failed experiment keeps no file
+            self.state.mark_failed(row.experiment_id, exc.reason, exc.transient, attempts, self.run_id)
         kind = "transient" if exc.transient else "permanent"
         log.error("experiment %s (%s) failed: %s [%s, %s]", row.experiment_id, row.gene, exc.reason, url, kind,
                   extra={"experiment_id": row.experiment_id, "gene": row.gene, "url": url, "reason": exc.reason})
@@ -414,7 +420,8 @@ class Pipeline:
             loop.add_signal_handler(sig, self.on_signal, sig)
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["ambasync.convert"])
-        pool = concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker)
+        pool = concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker,
+                                                      initargs=(os.getpid(),))
         # Start every worker now, while the first catalogue page is on its way, not on the first grid.
         warming = [loop.run_in_executor(pool, os.getpid) for _ in range(cfg.workers)]
         conversions = asyncio.Semaphore(cfg.pipeline.conversions_in_flight or 2 * cfg.workers)

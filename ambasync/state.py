@@ -185,6 +185,15 @@ class State:
                 (reason, int(transient), attempts, run_id, run_id, time.time(), experiment_id),
             )
 
+    def note_error(self, experiment_id: int, reason: str, transient: bool, attempts: int) -> None:
+        """A done experiment could not be refreshed: it keeps its files and status."""
+        with self.db:
+            self.db.execute(
+                "UPDATE experiments SET error = ?, transient = ?, attempts = attempts + ?, updated = ? "
+                "WHERE experiment_id = ?",
+                (reason, int(transient), attempts, time.time(), experiment_id),
+            )
+
     def mark_pending(self, experiment_id: int, reason: str) -> None:
         """Send an experiment back to be fetched (verify found its file missing or broken)."""
         with self.db:

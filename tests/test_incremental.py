@@ -96,3 +96,16 @@ async def test_vanished_experiments_are_reported_and_pruned_on_request(tmp_path)
         s = await mirror(url, tmp_path, opts=RunOptions(prune=True, quiet=True))
         assert s.pruned == 2 and len(list((tmp_path / "coronal").glob("*.mnc"))) == 6
     assert len(manifest(tmp_path)) == 6
+
+
+async def test_a_failed_refresh_keeps_the_good_files_from_before(tmp_path):
+    async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0)) as (_, url):
+        await mirror(url, tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "coronal").iterdir()}
+    async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0, fault_rate=1.0, fault_kinds=("503",),
+                                   retry_after=0.0)) as (_, url):
+        s = await mirror(url, tmp_path, opts=RunOptions(force=True, quiet=True), download__attempts=2)
+    assert s.failed == 5 and s.exit_code == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "coronal").iterdir()} == before
+    m = manifest(tmp_path)
+    assert set(m["status"]) == {"done"} and all("HTTP 503" in e for e in m["error"])

@@ -119,6 +119,35 @@ def test_a_second_run_exits_3_naming_the_holder_and_a_stale_lock_is_taken_over(t
     assert proc.returncode == 0, proc.stderr
 
 
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo.extend(children - found)
+            found |= children
+    return found
+
+
+def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = {p for p in pids if Path(f"/proc/{p}").exists() and "(Z" not in _stat(p)}
+        time.sleep(0.1)
+    return pids
+
+
+def _stat(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    except (OSError, IndexError):
+        return "(Z"
+
+
 def wait_for_files(out: Path, n: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -137,8 +166,10 @@ def test_sigkill_at_any_moment_loses_nothing_and_redoes_nothing(tmp_path):
             proc = subprocess.Popen(ambasync_cmd("run", "--out", str(tmp_path), "--base-url", replica.url, *FAST),
                                     env=env_fast_retries())
             wait_for_files(tmp_path, kill_at, proc)
+            helpers = descendants(proc.pid)  # the conversion pool
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
+            assert not wait_gone(helpers), "conversion workers outlived the killed run"
             # after each kill the state never claims more than the disk holds
             if (tmp_path / ".ambasync" / "state.sqlite").exists():
                 for eid, path, digest in state_rows(
@@ -175,6 +206,8 @@ def test_sigterm_stops_within_10_seconds_with_code_143_and_the_state_flushed(tmp
         _, err = proc.communicate(timeout=30)
         stopped_in = time.monotonic() - start
     finally:
+        if proc.poll() is None:
+            proc.kill()
         replica.close()
     assert proc.returncode == 143, err
     assert stopped_in < 10, f"took {stopped_in:.1f} s to stop"
