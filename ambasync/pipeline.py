@@ -398,9 +398,11 @@ class Pipeline:
         lock = OutputLock(self.paths.meta / f"lock{self.paths.suffix}")
         lock.acquire()
         try:
-            swept = sweep_tmp(self.out)
+            swept = lock.if_alone(lambda: sum(sweep_tmp(d) for d in {self.out, self.cache_dir} if d.is_dir()))
             if swept:
                 log.info("removed %d temporary files left by an interrupted run", swept)
+            elif swept is None:
+                log.info("another run (shard) uses %s: its temporary files are left alone", self.out)
             self.state = State(self.paths.state)
             self.run_id = self.state.start_run()
             try:

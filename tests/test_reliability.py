@@ -99,6 +99,24 @@ async def test_hostile_gene_names_stay_inside_the_folder_unique_and_mapped_back(
         assert (tmp_path / m.loc[800000 + i, "path"]).is_file()
 
 
+async def test_a_run_sweeps_leftover_temporaries_but_never_those_of_a_shard_still_running(tmp_path):
+    """Shards share the folder: sweeping a file another shard is writing would fail that experiment."""
+    (tmp_path / "coronal").mkdir()
+    writing = tmp_path / "coronal" / ".Gene1_100013.mnc.4242.ambasync-tmp"
+    writing.write_bytes(b"half a volume")
+    other = OutputLock(tmp_path / ".ambasync" / "lock-shard1of2")  # what shard 1's run holds
+    other.acquire()
+    try:
+        async with serve(ReplicaConfig(n_coronal=4, n_sagittal=0)) as (_, url):
+            s = await mirror(url, tmp_path, source__shard="0/2")
+        assert s.done >= 1 and writing.exists()
+    finally:
+        other.release()
+    async with serve(ReplicaConfig(n_coronal=4, n_sagittal=0)) as (_, url):
+        await mirror(url, tmp_path, source__shard="0/2")  # alone now: the leftover goes
+    assert not writing.exists()
+
+
 def test_a_second_run_exits_3_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path):
     lock = OutputLock(tmp_path / ".ambasync" / "lock")
     lock.acquire()
