@@ -33,6 +33,7 @@ COLUMNS = (
     "chromosome_id", "entrez_id", "genomic_reference_update_id", "homologene_id", "organism_id",
 )
 MAX_PAGE_BYTES = 64 * 1024 * 1024
+FIRST_PAGE_ROWS = 100
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,10 @@ async def iter_rows(
     size = cfg.source.page_size
     start, total = 0, None
     while total is None or start < total:
-        url = query_url(cfg.source.base_url, plane, start, size)
+        # A short first page starts the downloads sooner: a 1,000-row page is ~250 KB, close to half
+        # a second at the 0.4-0.8 MB/s one connection to the Allen API gets.
+        num = min(size, FIRST_PAGE_ROWS) if start == 0 else size
+        url = query_url(cfg.source.base_url, plane, start, num)
 
         async def fetch_page() -> Page:
             return parse_page((await get_bytes(session, url, MAX_PAGE_BYTES, throttle)).body, url)
@@ -150,6 +154,21 @@ async def iter_rows(
             if isinstance(row, Row) and not row.plane:
                 row = Row(row.experiment_id, row.gene, plane, {**row.fields, "plane": plane})
             yield row
-        if len(page.rows) < size:
+        if len(page.rows) < num:
             break
-        start += size
+        start += num
+
+
+async def merge_by_id(
+    streams: dict[str, AsyncIterator[Row | InvalidRow]]
+) -> AsyncIterator[tuple[str, Row | InvalidRow]]:
+    """(plane, row) from several planes' streams, each in id order, merged in id order;
+    invalid rows (no usable id) come as soon as they are read."""
+    heads: dict[str, Row | InvalidRow | None] = {plane: await anext(it, None) for plane, it in streams.items()}
+    while True:
+        live = [(plane, row) for plane, row in heads.items() if row is not None]
+        if not live:
+            return
+        plane, row = min(live, key=lambda pr: pr[1].experiment_id if isinstance(pr[1], Row) else -1)
+        yield plane, row
+        heads[plane] = await anext(streams[plane], None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import csv
 import json
 import logging
@@ -197,9 +198,15 @@ class Pipeline:
             self.summary.catalogue_rows = sum(totals.values())
             self.progress.set_total(min(limit, self.summary.catalogue_rows) if limit else self.summary.catalogue_rows)
 
+        streams = {plane: catalog.iter_rows(session, self.cfg, plane, throttle, lambda n, p=plane: on_total(p, n))
+                   for plane in self.cfg.planes}
         try:
-            for plane in self.cfg.planes:
-                async for row in catalog.iter_rows(session, self.cfg, plane, throttle, lambda n, p=plane: on_total(p, n)):
+            async with contextlib.AsyncExitStack() as stack:
+                # Planes merged in experiment-id order, so --limit N takes the first N ids of all of them.
+                merged = catalog.merge_by_id(streams)
+                for stream in (*streams.values(), merged):  # closed last to first
+                    stack.push_async_callback(stream.aclose)
+                async for plane, row in merged:
                     if self.stop_code is not None:
                         return
                     if isinstance(row, InvalidRow):

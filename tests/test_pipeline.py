@@ -64,6 +64,17 @@ async def test_float_output_is_exact_and_limit_takes_the_first_ids(tmp_path):
             np.testing.assert_array_equal(data.astype(np.float32), notebook_ras(rep.raw_grid(rec.experiment_id)))
 
 
+async def test_limit_over_both_planes_takes_the_first_ids_of_the_whole_catalogue(tmp_path):
+    extra = [{"experiment_id": 100001 + i, "gene": f"Sag{i}", "plane": "sagittal"} for i in range(2)]
+    async with serve(ReplicaConfig(n_coronal=6, n_sagittal=3, extra_rows=extra)) as (rep, url):
+        summary = await mirror(url, tmp_path, source__plane="all", source__limit=4, source__page_size=2)
+        assert summary.done == 4
+        first = sorted(r["experiment_id"] for r in rep.rows)[:4]
+    assert first == [100000, 100001, 100002, 100013]  # the planes interleave by id
+    assert sorted(manifest(tmp_path)["experiment_id"]) == first
+    assert len(list((tmp_path / "sagittal").glob("*.mnc"))) == 2
+
+
 async def test_bad_experiments_fail_alone_with_clear_reasons_and_no_file(tmp_path):
     bad = {100000 + 13 * 1: "no_energy", 100000 + 13 * 2: "short_raw", 100000 + 13 * 3: "not_zip",
            100000 + 13 * 4: "404"}
