@@ -10,7 +10,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from . import __version__
 from .config import DEFAULT_CONFIG_TEXT, LOG_FORMATS, PLANES, VOLUMES, Config, load_config

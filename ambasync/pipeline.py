@@ -9,12 +9,9 @@ moment and the next one picks up where it left off.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import csv
 import json
-import logging
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -30,7 +27,7 @@ import aiohttp
 from . import catalog
 from .catalog import InvalidRow, Row
 from .config import Config
-from .convert import ConvertJob, ConvertResult, cached_zip_path, convert, init_worker
+from .convert import ConversionPool, ConvertJob, ConvertResult, cached_zip_path
 from .errors import (
     EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ExperimentError, PermanentError, RunError, UpstreamError,
 )
@@ -43,8 +40,7 @@ from .state import MANIFEST_EXTRA, Output, Record, State
 
 ZIP_SIZE_ESTIMATE = 390_000  # bytes, a typical real grid zip (for --dry-run estimates)
 MAX_FAILURES_IN_REPORT = 1000
-# libminc keeps ~2 KB per volume written (measured: a worker grows 42 -> 54 MB over 3,000 files);
-# recycling workers bounds memory at atlas scale for ~50 ms per recycle.
+# Conversions per worker before the pool is replaced by fresh processes (see ConversionPool).
 WORKER_TASKS = 500
 
 
@@ -145,7 +141,9 @@ class Pipeline:
         self.stop_code: int | None = None  # set when the run must stop early
         self.interrupted = False  # SIGINT/SIGTERM: stop now
         self.catalogue_complete = False
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []  # producer and dispatcher
+        self._jobs: set[asyncio.Task] = set()  # one per experiment in flight
+        self._pool_ready: asyncio.Future | None = None
         self.report_path: Path | None = None
         self._folders: set[Path] = set()  # output folders known to exist
 
@@ -246,23 +244,29 @@ class Pipeline:
             self.state.mark_invalid(eid, str(row.fields.get("gene") or ""), plane, row.fields, self.run_id, row.reason)
 
     # -- workers --------------------------------------------------------------
-    async def work(self, queue: asyncio.Queue, session: aiohttp.ClientSession, throttle: Throttle,
-                   pool: concurrent.futures.Executor, conversions: asyncio.Semaphore) -> None:
+    async def dispatch(self, queue: asyncio.Queue, session: aiohttp.ClientSession, throttle: Throttle,
+                       pool: ConversionPool, conversions: asyncio.Semaphore, slots: int) -> None:
+        """One task per job, at most ``slots`` at once: a job whose zip is downloaded waits for a
+        conversion slot without holding up the next download (the connector caps connections)."""
+        free = asyncio.Semaphore(slots)
         while not self.interrupted:  # interrupted: tasks were cancelled; nobody feeds the queue any more
             job = await queue.get()
             if job is None:
-                return
+                break
             if self.stop_code is not None:
                 continue  # stopping: drain without working, so the producer never blocks
-            await self.handle(job, session, throttle, pool, conversions)
+            await free.acquire()
+            task = asyncio.create_task(self.handle(job, session, throttle, pool, conversions))
+            self._jobs.add(task)
+            task.add_done_callback(lambda t: (self._jobs.discard(t), free.release()))
+        await asyncio.gather(*self._jobs)
 
     async def handle(self, job: Job, session: aiohttp.ClientSession, throttle: Throttle,
-                     pool: concurrent.futures.Executor, conversions: asyncio.Semaphore) -> None:
+                     pool: ConversionPool, conversions: asyncio.Semaphore) -> None:
         row = job.row
         url = catalog.grid_url(self.cfg.source.base_url, row.experiment_id, tuple(self.cfg.convert.volumes))
         attempts = 0
         meta: dict[str, Any] = {}
-        loop = asyncio.get_running_loop()
 
         async def convert_body(body: bytes) -> ConvertResult:
             c = self.cfg.convert
@@ -272,7 +276,8 @@ class Pipeline:
             )
             async with conversions:
                 try:
-                    future = loop.run_in_executor(pool, convert, task)
+                    await asyncio.shield(self._pool_ready)  # shared: one task's cancellation must not cancel it
+                    future = asyncio.wrap_future(pool.submit(task))
                     try:
                         return await asyncio.shield(future)
                     except asyncio.CancelledError:
@@ -372,7 +377,7 @@ class Pipeline:
         code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
         self._stop(code, f"interrupted by {signal.Signals(signum).name}")
         self.interrupted = True
-        for task in self._tasks:
+        for task in [*self._tasks, *self._jobs]:
             task.cancel()
 
     # -- the run --------------------------------------------------------------
@@ -430,38 +435,36 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal, sig)
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["ambasync.convert"])
-        pool = concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=init_worker,
-                                                      initargs=(os.getpid(),), max_tasks_per_child=WORKER_TASKS)
-        # Start every worker now, while the first catalogue page is on its way, not on the first grid.
-        warming = [loop.run_in_executor(pool, os.getpid) for _ in range(cfg.workers)]
-        conversions = asyncio.Semaphore(cfg.pipeline.conversions_in_flight or 2 * cfg.workers)
+        pool = ConversionPool(cfg.workers, WORKER_TASKS * cfg.workers, os.getpid())
+        # Start every worker now, in a thread (a forkserver start blocks ~0.1 s), while the
+        # first catalogue page is on its way: not on the first grid, and not holding up the loop.
+        self._pool_ready = asyncio.ensure_future(asyncio.to_thread(pool.start))
+        in_flight = cfg.pipeline.conversions_in_flight or 2 * cfg.workers
+        conversions = asyncio.Semaphore(in_flight)
         queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
         throttle = Throttle(cfg.download.requests_per_second)
         ticker = asyncio.create_task(self._ticker())
         try:
             async with make_session(cfg.download) as session:
-                workers = [asyncio.create_task(self.work(queue, session, throttle, pool, conversions))
-                           for _ in range(cfg.download.concurrency)]
                 producer = asyncio.create_task(self.produce(session, queue, throttle))
-                self._tasks = [producer, *workers]
+                dispatcher = asyncio.create_task(self.dispatch(queue, session, throttle, pool, conversions,
+                                                               cfg.download.concurrency + in_flight))
+                self._tasks = [producer, dispatcher]
                 try:
                     await producer
-                    for _ in workers:
-                        await queue.put(None)
-                    await asyncio.gather(*workers)
+                    await queue.put(None)
+                    await dispatcher
                 except asyncio.CancelledError:
                     if self.stop_code is None:
                         raise
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                    await asyncio.gather(*self._tasks, *self._jobs, return_exceptions=True)
         finally:
-            await asyncio.gather(*warming, return_exceptions=True)
+            await asyncio.gather(self._pool_ready, return_exceptions=True)
             ticker.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             # Conversions already running finish (milliseconds); queued ones are dropped.
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(pool.shutdown)
 
     def _finish(self) -> None:
         assert self.state is not None

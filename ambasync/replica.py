@@ -260,8 +260,8 @@ class Replica:
         resp.content_length = declared if declared is not None else len(body)
         limit = len(body) if cut is None else cut
         limit = min(limit, 4096) if stall else limit
-        chunk = 16 * 1024
         rate = self.config.bandwidth_kbps * 1024
+        chunk = 16 * 1024 if rate > 0 or limit < len(body) else max(1, limit)  # unthrottled: one write
         try:
             await resp.prepare(request)
             for start in range(0, limit, chunk):

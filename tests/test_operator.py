@@ -4,7 +4,6 @@ subprocesses against the replica; outputs read back from disk."""
 import json
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -76,7 +75,7 @@ def test_shards_cover_every_experiment_exactly_once(replica, tmp_path):
         assert proc.returncode == 0, proc.stderr
     ids = []
     for k in range(3):
-        m = manifest_path = tmp_path / f"manifest-shard{k}of3.csv"
+        manifest_path = tmp_path / f"manifest-shard{k}of3.csv"
         assert manifest_path.is_file()
         import pandas as pd
 

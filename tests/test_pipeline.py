@@ -5,7 +5,6 @@ import sqlite3
 import numpy as np
 import pytest
 
-from ambasync.pipeline import RunOptions
 from ambasync.replica import REAL_IDS, ReplicaConfig, serve
 from conftest import (
     NOTEBOOK_SIZES, NOTEBOOK_STARTS, manifest, mincinfo, mirror, notebook_ras, quantisation_step, read_minc, sha256,
