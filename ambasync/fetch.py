@@ -16,6 +16,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import aiohttp
 import yarl
+from aiohttp.helpers import get_env_proxy_for_url
 
 from .config import DownloadConfig
 from .errors import ExperimentError, PermanentError, TransientError
@@ -33,17 +34,29 @@ class Response:
     etag: str | None
 
 
-def make_session(cfg: DownloadConfig) -> aiohttp.ClientSession:
-    """One session for the run: connections reused, at most ``concurrency`` to the host."""
+def make_session(cfg: DownloadConfig, base_url: str) -> aiohttp.ClientSession:
+    """One session for the run: connections reused, at most ``concurrency`` to the host.
+
+    Proxies come from the environment (HTTP_PROXY, HTTPS_PROXY, NO_PROXY; credentials from the
+    proxy URL or ~/.netrc) by aiohttp's own rules, looked up once here: ``trust_env=True`` does
+    it, and reads ~/.netrc, in a thread on every request (measured: a quarter of the event
+    loop's CPU at loopback speed).
+    """
     connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=cfg.concurrency, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(
         total=cfg.total_timeout, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
     )
+    try:
+        proxy, proxy_auth = get_env_proxy_for_url(yarl.URL(base_url))
+    except LookupError:  # none set, or NO_PROXY covers the host
+        proxy, proxy_auth = None, None
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
         headers={"User-Agent": cfg.user_agent},
-        trust_env=True,  # honour HTTP(S)_PROXY / NO_PROXY like curl does
+        proxy=proxy,
+        proxy_auth=proxy_auth,
+        trust_env=False,
         auto_decompress=True,
     )
 

@@ -445,7 +445,7 @@ class Pipeline:
         throttle = Throttle(cfg.download.requests_per_second)
         ticker = asyncio.create_task(self._ticker())
         try:
-            async with make_session(cfg.download) as session:
+            async with make_session(cfg.download, cfg.source.base_url) as session:
                 producer = asyncio.create_task(self.produce(session, queue, throttle))
                 dispatcher = asyncio.create_task(self.dispatch(queue, session, throttle, pool, conversions,
                                                                cfg.download.concurrency + in_flight))
@@ -499,7 +499,7 @@ class Pipeline:
             self.state = State(self.paths.state, readonly=True)
         throttle = Throttle(self.cfg.download.requests_per_second)
         try:
-            async with make_session(self.cfg.download) as session:
+            async with make_session(self.cfg.download, self.cfg.source.base_url) as session:
                 await self.produce(session, asyncio.Queue(), throttle)
         finally:
             if self.state:

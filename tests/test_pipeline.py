@@ -74,6 +74,20 @@ async def test_limit_over_both_planes_takes_the_first_ids_of_the_whole_catalogue
     assert len(list((tmp_path / "sagittal").glob("*.mnc"))) == 2
 
 
+async def test_proxies_come_from_the_environment(tmp_path, monkeypatch):
+    """Labs behind a proxy set HTTP_PROXY, as for curl: here the only way to reach the (unresolvable)
+    upstream host is through the replica acting as that proxy."""
+    async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0, real_dir="/nonexistent")) as (rep, proxy):
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        summary = await mirror("http://api.brain-map.invalid", tmp_path)
+        assert summary.done == 3 and rep.stats.catalog_requests >= 1
+        monkeypatch.setenv("NO_PROXY", "api.brain-map.invalid")  # bypassed: the host cannot be reached
+        summary = await mirror("http://api.brain-map.invalid", tmp_path / "direct", download__attempts=1)
+        assert summary.exit_code == 4 and "cannot reach" in summary.error
+
+
 async def test_bad_experiments_fail_alone_with_clear_reasons_and_no_file(tmp_path):
     bad = {100000 + 13 * 1: "no_energy", 100000 + 13 * 2: "short_raw", 100000 + 13 * 3: "not_zip",
            100000 + 13 * 4: "404"}
