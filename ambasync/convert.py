@@ -6,6 +6,7 @@ paths and checksums; unzipping, numpy and libminc all happen here, off the loop.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import hashlib
 import multiprocessing
@@ -101,9 +102,11 @@ class ConversionPool:
     """The conversion processes, replaced by fresh ones every ``recycle`` conversions.
 
     libminc keeps ~2 KB per volume written (a worker grows 42 -> 54 MB over 3,000 files), so
-    fresh processes bound memory at atlas scale. Not ``max_tasks_per_child``: on Python 3.11 a
-    worker leaving can be replaced by none (CPython gh-115634) and the run then hangs forever.
-    Workers come from a forkserver that has imported numpy and libminc once.
+    fresh processes bound memory at atlas scale. The old pool's conversions finish before the
+    new one starts, so two pools never hold memory at once. Not ``max_tasks_per_child``: on
+    Python 3.11 a worker leaving can be replaced by none (CPython gh-115634) and the run hangs.
+    Workers come from a forkserver that has imported numpy and libminc once. Use it from one
+    event loop.
     """
 
     def __init__(self, workers: int, recycle: int = 1000, run_pid: int | None = None):
@@ -112,27 +115,44 @@ class ConversionPool:
         self._run_pid = run_pid
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(["ambasync.convert"])
-        self._retired: list[concurrent.futures.ProcessPoolExecutor] = []
         self._pool = self._new()
         self._used = 0
+        self._ready: asyncio.Future | None = None  # the workers are up
 
     def _new(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
             self.workers, mp_context=self._ctx, initializer=init_worker, initargs=(self._run_pid,))
 
-    def start(self) -> list[int]:
-        """Spawn every worker now and return their pids (blocks ~0.1 s: call it from a thread)."""
-        return [f.result() for f in [self._pool.submit(os.getpid) for _ in range(self.workers)]]
+    def pids(self) -> list[int]:
+        """Start every worker if need be (blocking) and return their pids."""
+        for future in [self._pool.submit(os.getpid) for _ in range(self.workers)]:
+            future.result()
+        return sorted(self._pool._processes)  # type: ignore[attr-defined]  # each submit spawned one
 
-    def submit(self, job: ConvertJob) -> concurrent.futures.Future:
-        if self._used >= self.recycle:
-            self._pool.shutdown(wait=False)  # its conversions in flight still finish
-            self._retired = [p for p in self._retired if p._processes] + [self._pool]  # type: ignore[attr-defined]
-            self._pool, self._used = self._new(), 0
+    def _renew(self, old: concurrent.futures.ProcessPoolExecutor) -> list[int]:
+        old.shutdown(wait=True)
+        return self.pids()
+
+    def start(self) -> None:
+        """Start the workers in a thread (a forkserver start blocks ~0.1 s) and return at once,
+        so the loop goes on, e.g. to fetch the first catalogue page."""
+        self._ready = asyncio.ensure_future(asyncio.to_thread(self.pids))
+
+    async def submit(self, job: ConvertJob) -> asyncio.Future:
+        """Hand ``job`` to a worker once the pool is up; returns the conversion's future."""
+        if self._ready is None:
+            self.start()
+        while not (self._ready.done() and self._used < self.recycle):  # type: ignore[union-attr]
+            if self._ready.done():  # type: ignore[union-attr]
+                old, self._pool, self._used = self._pool, self._new(), 0
+                self._ready = asyncio.ensure_future(asyncio.to_thread(self._renew, old))
+            await asyncio.shield(self._ready)  # type: ignore[arg-type]  # shared: one caller's cancel must not cancel it
+        self._ready.result()  # type: ignore[union-attr]  # a pool that could not start says why
         self._used += 1
-        return self._pool.submit(convert, job)
+        return asyncio.wrap_future(self._pool.submit(convert, job))
 
-    def shutdown(self, cancel_futures: bool = True) -> None:
+    async def shutdown(self) -> None:
         """Wait for the conversions running now; drop those not started."""
-        for pool in [*self._retired, self._pool]:
-            pool.shutdown(wait=True, cancel_futures=cancel_futures)
+        if self._ready is not None:
+            await asyncio.gather(self._ready, return_exceptions=True)
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)

@@ -6,6 +6,8 @@ errors carry the exit code that cron, systemd and scripts act on.
 
 from __future__ import annotations
 
+import errno
+
 # Exit codes: a contract documented in README and `--help`.
 EXIT_OK = 0
 EXIT_FAILED = 1  # some experiments failed
@@ -58,3 +60,10 @@ class UpstreamError(RunError):
 
 class DiskFullError(RunError):
     exit_code = EXIT_DISK_FULL
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an OS or SQLite error means the device is full (SQLite gives no errno)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "database or disk is full" in str(exc)

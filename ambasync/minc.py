@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DiskFullError
+from .errors import DiskFullError, disk_full
 from .files import atomic_path, sha256_file
 from .geometry import Geometry
 
@@ -25,7 +24,7 @@ class Written:
 
 def _raise_if_disk_full(folder: Path, exc: BaseException) -> None:
     """libminc reports a failed write without errno; tell disk full apart by looking."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if disk_full(exc):
         raise DiskFullError(f"no space left on the device holding {folder}: free space, then run again") from exc
     st = os.statvfs(folder)
     if st.f_bavail * st.f_frsize < 4 * 1024 * 1024:

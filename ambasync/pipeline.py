@@ -1,9 +1,11 @@
-"""The mirror run: catalogue producer -> bounded queue -> download workers -> process pool.
+"""The mirror run: catalogue producer -> bounded queue -> download tasks -> process pool.
 
-Memory is bounded by the queue size, the number of download workers (one zip
-each at most) and the conversions in flight, never by the catalogue. Every
-outcome is written to the state as it happens, so a run can be stopped at any
-moment and the next one picks up where it left off.
+Downloads are at most ``concurrency`` at once (the session's connection limit);
+a downloaded zip waits for one of the conversion slots without holding up the
+next download. Memory is bounded by the queue size, the download and conversion
+slots (one zip each), never by the catalogue. Every outcome is written to the
+state as it happens, so a run can be stopped at any moment and the next one
+picks up where it left off.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -29,7 +32,8 @@ from .catalog import InvalidRow, Row
 from .config import Config
 from .convert import ConversionPool, ConvertJob, ConvertResult, cached_zip_path
 from .errors import (
-    EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ExperimentError, PermanentError, RunError, UpstreamError,
+    EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, ExperimentError, PermanentError, RunError,
+    UpstreamError, disk_full,
 )
 from .fetch import Throttle, get_bytes, make_session, with_retries
 from .lock import OutputLock
@@ -82,6 +86,10 @@ class Paths:
         return self.out / f"manifest{self.suffix}.csv"
 
     @property
+    def lock(self) -> Path:
+        return self.meta / f"lock{self.suffix}"
+
+    @property
     def reports(self) -> Path:
         return self.out / "reports"
 
@@ -114,16 +122,23 @@ def checksums_match(rec: Record, out: Path) -> bool:
         return False
 
 
-def write_manifest(state: State, path: Path) -> int:
-    """Export the state as CSV (readable with pandas), atomically: temporary file, then rename."""
-    columns = [*catalog.COLUMNS, *MANIFEST_EXTRA]
+async def write_manifest(state: State, path: Path) -> int:
+    """Export the state as CSV (readable with pandas), atomically: temporary file, then rename.
+    Written through aiofiles in pieces, so neither the loop nor memory grows with the catalogue."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, [*catalog.COLUMNS, *MANIFEST_EXTRA])
+    writer.writeheader()
     count = 0
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, columns)
-        writer.writeheader()
-        for row in state.manifest_rows():
-            writer.writerow(row)
-            count += 1
+    with atomic_path(path) as tmp:
+        async with aiofiles.open(tmp, "w", newline="", encoding="utf-8") as fh:
+            for row in state.manifest_rows():
+                writer.writerow(row)
+                count += 1
+                if count % 2000 == 0:
+                    await fh.write(buf.getvalue())
+                    buf.seek(0)
+                    buf.truncate()
+            await fh.write(buf.getvalue())
     return count
 
 
@@ -143,7 +158,6 @@ class Pipeline:
         self.catalogue_complete = False
         self._tasks: list[asyncio.Task] = []  # producer and dispatcher
         self._jobs: set[asyncio.Task] = set()  # one per experiment in flight
-        self._pool_ready: asyncio.Future | None = None
         self.report_path: Path | None = None
         self._folders: set[Path] = set()  # output folders known to exist
 
@@ -276,8 +290,7 @@ class Pipeline:
             )
             async with conversions:
                 try:
-                    await asyncio.shield(self._pool_ready)  # shared: one task's cancellation must not cancel it
-                    future = asyncio.wrap_future(pool.submit(task))
+                    future = await pool.submit(task)
                     try:
                         return await asyncio.shield(future)
                     except asyncio.CancelledError:
@@ -331,7 +344,7 @@ class Pipeline:
 
     def _state_broke(self, exc: sqlite3.Error) -> None:
         """The state cannot be written: stop the run (most likely the disk is full)."""
-        full = "full" in str(exc).lower()
+        full = disk_full(exc)
         self._stop(EXIT_DISK_FULL if full else EXIT_FAILED, f"cannot write the state {self.paths.state}: {exc}"
                    + ("; free space, then run again" if full else ""))
 
@@ -407,7 +420,7 @@ class Pipeline:
         if self.opts.dry_run:
             return await self._dry_run()
         self.out.mkdir(parents=True, exist_ok=True)
-        lock = OutputLock(self.paths.meta / f"lock{self.paths.suffix}")
+        lock = OutputLock(self.paths.lock)
         lock.acquire()
         try:
             swept = lock.if_alone(lambda: sum(sweep_tmp(d) for d in {self.out, self.cache_dir} if d.is_dir()))
@@ -420,7 +433,7 @@ class Pipeline:
             try:
                 await self._mirror()
             finally:
-                self._finish()
+                await self._finish()
             try:
                 await self._write_report()
             except OSError as exc:
@@ -436,9 +449,7 @@ class Pipeline:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal, sig)
         pool = ConversionPool(cfg.workers, WORKER_TASKS * cfg.workers, os.getpid())
-        # Start every worker now, in a thread (a forkserver start blocks ~0.1 s), while the
-        # first catalogue page is on its way: not on the first grid, and not holding up the loop.
-        self._pool_ready = asyncio.ensure_future(asyncio.to_thread(pool.start))
+        pool.start()  # while the first catalogue page is on its way, not on the first grid
         in_flight = cfg.pipeline.conversions_in_flight or 2 * cfg.workers
         conversions = asyncio.Semaphore(in_flight)
         queue: asyncio.Queue = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
@@ -459,14 +470,13 @@ class Pipeline:
                         raise
                     await asyncio.gather(*self._tasks, *self._jobs, return_exceptions=True)
         finally:
-            await asyncio.gather(self._pool_ready, return_exceptions=True)
             ticker.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             # Conversions already running finish (milliseconds); queued ones are dropped.
-            await asyncio.to_thread(pool.shutdown)
+            await pool.shutdown()
 
-    def _finish(self) -> None:
+    async def _finish(self) -> None:
         assert self.state is not None
         s = self.summary
         if self.stop_code is None:
@@ -475,11 +485,13 @@ class Pipeline:
         s.exit_code = self.stop_code if self.stop_code is not None else (EXIT_FAILED if s.failed else EXIT_OK)
         try:
             self.state.commit()
-            write_manifest(self.state, self.paths.manifest)
+            await write_manifest(self.state, self.paths.manifest)
             self.state.finish_run(self.run_id, s.exit_code, {k: v for k, v in s.to_dict().items() if k != "failures"})
         except (OSError, sqlite3.Error) as exc:  # the state itself stays consistent: it is transactional
             log.error("could not write the manifest or close the run record: %s", exc)
-            if s.exit_code == EXIT_OK:
+            if disk_full(exc):
+                s.exit_code = EXIT_DISK_FULL
+            elif s.exit_code == EXIT_OK:
                 s.exit_code = EXIT_FAILED
         finally:
             self.state.db.close()

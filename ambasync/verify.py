@@ -16,6 +16,7 @@ from .config import Config
 from .errors import EXIT_FAILED, EXIT_OK
 from .geometry import output_geometry
 from .files import sha256_file
+from .lock import OutputLock
 from .minc import read_volume
 from .pipeline import Paths, RunOptions, run_mirror
 from .state import Output, State
@@ -53,11 +54,13 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
     if not paths.state.is_file():
         print(f"nothing to verify: no mirror state at {paths.state}")
         return EXIT_OK
+    lock = OutputLock(paths.lock)  # a run going on would be rewriting what is checked
+    lock.acquire()
     state = State(paths.state)
     broken: list[int] = []
     checked = 0
     try:
-        for rec in list(state.iter_done()):
+        for rec in state.iter_done():
             problems = [p for o in rec.outputs if (p := check_output(paths.out, o, rec.settings))]
             checked += len(rec.outputs)
             if problems:
@@ -67,6 +70,7 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
         waiting = [eid for eid in state.ids_with_status("pending") if eid not in broken]
     finally:
         state.close()
+        lock.release()
     print(f"verify: {checked} files checked, {len(broken)} experiments broken or missing"
           + (" (marked for the next run)" if broken and not repair else ""))
     if waiting:

@@ -100,23 +100,28 @@ def test_real_grids_hold_data_over_the_coverage_mask(eid, fraction, tmp_path):
     assert held >= 0.95 and held == pytest.approx(fraction, abs=0.002)
 
 
-def test_the_conversion_pool_is_replaced_by_fresh_processes_and_never_left_without_workers(tmp_path):
+async def test_the_conversion_pool_is_replaced_by_fresh_processes_and_never_left_without_workers(tmp_path):
     """Fresh processes bound libminc's per-file memory over a 26,000-volume night; if the pool
     were left with no worker (Python 3.11's max_tasks_per_child can do that) the run would hang."""
+    import asyncio
+
     from ambasync.convert import ConversionPool
     from ambasync.replica import Replica, ReplicaConfig
 
     rep = Replica(ReplicaConfig(n_coronal=12, n_sagittal=0, real_dir="/nonexistent"))
     pool = ConversionPool(workers=2, recycle=3)
+
+    async def one(eid: int):
+        job = ConvertJob(eid, rep.zip_for(eid), (("energy", str(tmp_path / f"{eid}.mnc")),), "RAS", "MICe", 1.0,
+                         "float", 64 << 20)
+        return await asyncio.wait_for(await pool.submit(job), 120)
+
     try:
-        first = set(pool.start())
-        futures = [pool.submit(ConvertJob(r["experiment_id"], rep.zip_for(r["experiment_id"]),
-                                          (("energy", str(tmp_path / f"{r['experiment_id']}.mnc")),),
-                                          "RAS", "MICe", 1.0, "float", 64 << 20)) for r in rep.rows]
-        results = [f.result(timeout=120) for f in futures]
-        last = set(pool.start())
+        first = set(await asyncio.to_thread(pool.pids))
+        results = await asyncio.gather(*(one(r["experiment_id"]) for r in rep.rows))
+        last = set(await asyncio.to_thread(pool.pids))
     finally:
-        pool.shutdown()
+        await pool.shutdown()
     assert first.isdisjoint(last) and len(last) == 2
     for r in results:
         data, _ = read_minc(Path(r.outputs[0][1].path))

@@ -135,6 +135,10 @@ def test_a_second_run_exits_3_naming_the_holder_and_a_stale_lock_is_taken_over(t
     finally:
         replica.close()
     assert proc.returncode == 0, proc.stderr
+    with OutputLock(tmp_path / ".ambasync" / "lock"):  # verify waits its turn too
+        verify = subprocess.run(ambasync_cmd("verify", "--out", str(tmp_path)), capture_output=True, text=True,
+                                timeout=60)
+    assert verify.returncode == 3 and "holds" in verify.stderr
 
 
 def descendants(pid: int) -> set[int]:
