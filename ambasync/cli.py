@@ -133,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if not args.dry_run:
+        from .convert import start_forkserver
+
+        start_forkserver()  # its imports overlap ours (below) on another core
     from .pipeline import RunOptions, run_mirror
 
-    cfg = config_from_args(args)
     setup_logging(cfg.pipeline.log_format, args.verbosity)
     opts = RunOptions(force=args.force, verify=args.verify, prune=args.prune, dry_run=args.dry_run,
                       retry_failed=args.retry_failed, quiet=args.quiet)

@@ -9,8 +9,10 @@ MICe and CCFv3 world spaces. No I/O here, so the numbers are easy to test.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 ORIENTATIONS = ("RAS", "PIR")
 SPACES = ("MICe", "CCFv3")
@@ -71,6 +73,8 @@ def reorient(pir: np.ndarray, orientation: str) -> np.ndarray:
     RAS applies the notebook's two quarter turns; PIR keeps the stored order.
     Returns a C-contiguous array (pyminc writes the buffer as is).
     """
+    import numpy as np  # here: the event-loop process imports this module, never numpy
+
     if orientation == "RAS":
         out = np.rot90(pir, k=1, axes=(0, 2))
         out = np.rot90(out, k=1, axes=(0, 1))

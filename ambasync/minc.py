@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from .errors import DiskFullError, disk_full
 from .files import atomic_path, sha256_file
@@ -72,6 +74,7 @@ def write_volume(data: np.ndarray, geometry: Geometry, path: Path, dtype: str) -
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """Read a MINC volume back as float32 plus its geometry (for verify and tests)."""
+    import numpy as np  # here: the event-loop process imports this module, never numpy
     from pyminc.volumes.factory import volumeFromFile
 
     vol = volumeFromFile(str(path), dtype="float")

@@ -61,7 +61,7 @@ class RunOptions:
 @dataclass
 class Job:
     row: Row
-    targets: tuple[tuple[str, Path], ...]  # (volume, absolute path)
+    targets: tuple[tuple[str, str], ...]  # (volume, path relative to the output folder)
     previous: Record | None = None  # what the state held before this run
     cached_zip: Path | None = None  # re-convert from the zip cache instead of downloading
 
@@ -99,11 +99,12 @@ class Paths:
         return cls(Path(cfg.output.out), f"-shard{shard[0]}of{shard[1]}" if shard else "")
 
 
-def targets_for(cfg: Config, row: Row, plane: str, out: Path) -> tuple[tuple[str, Path], ...]:
-    return tuple(
-        (volume, out / plane / output_name(cfg.convert.name_template, row.gene, row.experiment_id, plane, volume))
+def targets_for(cfg: Config, row: Row, plane: str) -> tuple[tuple[str, str], ...]:
+    """(volume, path relative to the output folder) of each file of an experiment, sorted as the state's."""
+    return tuple(sorted(
+        (volume, f"{plane}/{output_name(cfg.convert.name_template, row.gene, row.experiment_id, plane, volume)}")
         for volume in cfg.convert.volumes
-    )
+    ))
 
 
 def sizes_match(rec: Record, out: Path) -> bool:
@@ -159,20 +160,19 @@ class Pipeline:
         self._tasks: list[asyncio.Task] = []  # producer and dispatcher
         self._jobs: set[asyncio.Task] = set()  # one per experiment in flight
         self.report_path: Path | None = None
-        self._folders: set[Path] = set()  # output folders known to exist
+        self._folders: set[str] = set()  # output folders (relative) known to exist
 
     # -- decisions ------------------------------------------------------------
     async def decide(self, row: Row, plane: str) -> tuple[str, Job | None]:
         """'fetch' (with a job), or why not: 'skipped' (up to date) / 'quarantined'."""
-        targets = targets_for(self.cfg, row, plane, self.out)
+        targets = targets_for(self.cfg, row, plane)
         rec = self.state.get(row.experiment_id) if self.state else None
         job = Job(row, targets, rec)
         if self.opts.force or rec is None:
             return "fetch", job
         if rec.status == "done":
-            wanted = sorted((v, str(p.relative_to(self.out))) for v, p in targets)
-            have = sorted((o.volume, o.path) for o in rec.outputs)
-            if rec.settings == self.settings and wanted == have and sizes_match(rec, self.out):
+            have = tuple((o.volume, o.path) for o in rec.outputs)  # sorted by volume, as targets
+            if rec.settings == self.settings and targets == have and sizes_match(rec, self.out):
                 if not self.opts.verify or await asyncio.to_thread(checksums_match, rec, self.out):
                     return "skipped", None
             if self.cfg.output.keep_zips and rec.zip_sha256:
@@ -285,7 +285,7 @@ class Pipeline:
         async def convert_body(body: bytes) -> ConvertResult:
             c = self.cfg.convert
             task = ConvertJob(
-                row.experiment_id, body, tuple((v, str(p)) for v, p in job.targets), c.orientation, c.space,
+                row.experiment_id, body, tuple((v, os.path.join(self.out, rel)) for v, rel in job.targets), c.orientation, c.space,
                 c.expansion, c.dtype, c.max_raw_bytes, str(self.cache_dir) if self.cfg.output.keep_zips else None,
             )
             async with conversions:
@@ -315,8 +315,8 @@ class Pipeline:
             meta.update(last_modified=resp.last_modified, etag=resp.etag)
             return await convert_body(resp.body)
 
-        for folder in {p.parent for _, p in job.targets} - self._folders:
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in {rel.rsplit("/", 1)[0] for _, rel in job.targets} - self._folders:
+            (self.out / folder).mkdir(parents=True, exist_ok=True)
             self._folders.add(folder)
         try:
             result = None
@@ -351,7 +351,8 @@ class Pipeline:
     def _done(self, job: Job, result: ConvertResult, attempts: int, meta: dict[str, Any]) -> None:
         assert self.state is not None
         old = job.previous
-        outputs = [Output(v, str(Path(w.path).relative_to(self.out)), w.sha256, w.size) for v, w in result.outputs]
+        rel = dict(job.targets)
+        outputs = [Output(v, rel[v], w.sha256, w.size) for v, w in result.outputs]
         self.state.mark_done(job.row.experiment_id, outputs, self.settings, attempts, result.zip_sha256,
                              result.zip_size, meta.get("last_modified"), meta.get("etag"))
         keep = {o.path for o in outputs}
