@@ -6,13 +6,12 @@ starting the pool are not timed.
 """
 
 import concurrent.futures
-import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
 
-from ambasync.convert import ConvertJob, convert, init_worker
+from ambasync.convert import ConvertJob, convert, init_worker, start_forkserver
 
 
 def main(zipdir: str, outdir: str) -> None:
@@ -21,7 +20,7 @@ def main(zipdir: str, outdir: str) -> None:
     jobs = [ConvertJob(i, p.read_bytes(), (("energy", str(out / f"{p.stem}.mnc")),), "RAS", "MICe", 1.0, "ushort",
                        64 << 20) for i, p in enumerate(sorted(Path(zipdir).glob("*")))]
     workers = os.cpu_count() or 1
-    ctx = multiprocessing.get_context("forkserver")
+    ctx = start_forkserver()  # workers with numpy and libminc already imported, as ambasync's
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker) as pool:
         list(pool.map(abs, range(workers * 4)))  # start and warm every worker
         start = time.perf_counter()
