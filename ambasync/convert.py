@@ -165,7 +165,8 @@ class ConversionPool:
             if self._ready.done():  # type: ignore[union-attr]
                 old, self._pool, self._used = self._pool, self._new(), 0
                 self._ready = asyncio.ensure_future(asyncio.to_thread(self._renew, old))
-            await asyncio.shield(self._ready)  # type: ignore[arg-type]  # shared: one caller's cancel must not cancel it
+            # shared by every caller: one caller's cancellation must not cancel it
+            await asyncio.shield(self._ready)  # type: ignore[arg-type]
         self._ready.result()  # type: ignore[union-attr]  # a pool that could not start says why
         self._used += 1
         return asyncio.wrap_future(self._pool.submit(convert, job))

@@ -272,8 +272,16 @@ class Pipeline:
             await free.acquire()
             task = asyncio.create_task(self.handle(job, session, throttle, pool, conversions))
             self._jobs.add(task)
-            task.add_done_callback(lambda t: (self._jobs.discard(t), free.release()))
-        await asyncio.gather(*self._jobs)
+            task.add_done_callback(lambda t: self._job_finished(t, free))
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+
+    def _job_finished(self, task: asyncio.Task, free: asyncio.Semaphore) -> None:
+        self._jobs.discard(task)
+        free.release()
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # not an experiment's failure: a bug, or the file system refusing
+            log.error("unexpected error", exc_info=exc)
+            self._stop(EXIT_DISK_FULL if disk_full(exc) else EXIT_FAILED, f"{type(exc).__name__}: {exc}")
 
     async def handle(self, job: Job, session: aiohttp.ClientSession, throttle: Throttle,
                      pool: ConversionPool, conversions: asyncio.Semaphore) -> None:
@@ -285,8 +293,9 @@ class Pipeline:
         async def convert_body(body: bytes) -> ConvertResult:
             c = self.cfg.convert
             task = ConvertJob(
-                row.experiment_id, body, tuple((v, os.path.join(self.out, rel)) for v, rel in job.targets), c.orientation, c.space,
-                c.expansion, c.dtype, c.max_raw_bytes, str(self.cache_dir) if self.cfg.output.keep_zips else None,
+                row.experiment_id, body, tuple((v, os.path.join(self.out, rel)) for v, rel in job.targets),
+                c.orientation, c.space, c.expansion, c.dtype, c.max_raw_bytes,
+                str(self.cache_dir) if self.cfg.output.keep_zips else None,
             )
             async with conversions:
                 try:

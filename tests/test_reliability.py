@@ -1,6 +1,7 @@
 """A nightly mirror that never loses, corrupts or repeats work, whatever the upstream
 or the operator does to it. Real processes, real signals, real files."""
 
+import asyncio
 import json
 import os
 import signal
@@ -70,6 +71,14 @@ async def test_with_the_servers_connection_limit_equal_to_concurrency_no_429_is_
                                    retry_after=0.05)) as (rep, url):
         s = await mirror(url, tmp_path / "greedy", download__concurrency=8, download__attempts=20)
         assert rep.stats.over_limit_429 > 0 and s.done == 32
+
+
+async def test_an_output_folder_that_cannot_be_made_stops_the_run_cleanly_naming_it(tmp_path):
+    (tmp_path / "coronal").write_text("a file where the plane's folder should be")
+    async with serve(ReplicaConfig(n_coronal=6, n_sagittal=0)) as (_, url):
+        s = await asyncio.wait_for(mirror(url, tmp_path), 120)  # stops; never hangs
+    assert s.exit_code == 1 and "FileExistsError" in s.error and str(tmp_path / "coronal") in s.error
+    assert (tmp_path / "manifest.csv").is_file() and len(list((tmp_path / "reports").glob("run-*.json"))) == 1
 
 
 async def test_a_catalogue_that_changes_mid_run_is_detected_and_work_done_is_kept(tmp_path):
