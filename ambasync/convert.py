@@ -12,13 +12,13 @@ import asyncio
 import concurrent.futures
 import hashlib
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .files import atomic_path
@@ -112,9 +112,7 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
     before the event-loop process has imported aiohttp, so the workers are ready sooner."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()
+    multiprocessing.forkserver.ensure_running()
     return ctx
 
 

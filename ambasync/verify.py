@@ -54,23 +54,21 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
     if not paths.state.is_file():
         print(f"nothing to verify: no mirror state at {paths.state}")
         return EXIT_OK
-    lock = OutputLock(paths.lock)  # a run going on would be rewriting what is checked
-    lock.acquire()
-    state = State(paths.state)
     broken: list[int] = []
     checked = 0
-    try:
-        for rec in state.iter_done():
-            problems = [p for o in rec.outputs if (p := check_output(paths.out, o, rec.settings))]
-            checked += len(rec.outputs)
-            if problems:
-                broken.append(rec.experiment_id)
-                log.error("experiment %s (%s): %s", rec.experiment_id, rec.gene, "; ".join(problems))
-                state.mark_pending(rec.experiment_id, "verify: " + "; ".join(problems))
-        waiting = [eid for eid in state.ids_with_status("pending") if eid not in broken]
-    finally:
-        state.close()
-        lock.release()
+    with OutputLock(paths.lock):  # a run going on would be rewriting what is checked
+        state = State(paths.state)
+        try:
+            for rec in state.iter_done():
+                problems = [p for o in rec.outputs if (p := check_output(paths.out, o, rec.settings))]
+                checked += len(rec.outputs)
+                if problems:
+                    broken.append(rec.experiment_id)
+                    log.error("experiment %s (%s): %s", rec.experiment_id, rec.gene, "; ".join(problems))
+                    state.mark_pending(rec.experiment_id, "verify: " + "; ".join(problems))
+            waiting = [eid for eid in state.ids_with_status("pending") if eid not in broken]
+        finally:
+            state.close()
     print(f"verify: {checked} files checked, {len(broken)} experiments broken or missing"
           + (" (marked for the next run)" if broken and not repair else ""))
     if waiting:
