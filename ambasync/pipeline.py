@@ -433,7 +433,8 @@ class Pipeline:
         lock = OutputLock(self.paths.lock)
         lock.acquire()
         try:
-            swept = lock.if_alone(lambda: sum(sweep_tmp(d) for d in {self.out, self.cache_dir} if d.is_dir()))
+            roots = [self.out] + ([] if self.cache_dir.is_relative_to(self.out) else [self.cache_dir])
+            swept = lock.if_alone(lambda: sum(sweep_tmp(d) for d in roots if d.is_dir()))
             if swept:
                 log.info("removed %d temporary files left by an interrupted run", swept)
             elif swept is None:
