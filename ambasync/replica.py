@@ -96,10 +96,11 @@ def _hash01(*parts: Any) -> float:
 
 
 def find_real_dir(configured: str | None) -> Path | None:
-    candidates = [configured] if configured else [
-        os.path.join(os.environ["AMBASYNC_REFERENCE_DIR"], "allen-grids") if os.environ.get("AMBASYNC_REFERENCE_DIR") else None,
-        str(Path(__file__).resolve().parents[2] / "shared" / "reference" / "allen-grids"),
-    ]
+    """The folder of the real Nrp1 and Pdyn zips: ``configured``, else
+    ``$AMBASYNC_REFERENCE_DIR/allen-grids`` (the tests point it at their fixtures); without
+    either the replica serves synthetic grids only."""
+    env = os.environ.get("AMBASYNC_REFERENCE_DIR")
+    candidates = [configured] if configured else [os.path.join(env, "allen-grids") if env else None]
     for c in candidates:
         if c and all((Path(c) / name).is_file() for name in REAL_FILES.values()):
             return Path(c)

@@ -16,8 +16,12 @@ import pytest
 from ambasync.replica import ReplicaProcess  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("AMBASYNC_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+FIXTURES = REPO / "tests" / "fixtures"  # real data carried by the repository (see its README.md)
+REFERENCE = Path(os.environ.get("AMBASYNC_REFERENCE_DIR") or FIXTURES)  # the variable is only an override
+# The replica (in this process and in the ones tests start) serves the real grids from here too.
+os.environ["AMBASYNC_REFERENCE_DIR"] = str(REFERENCE)
 GRIDS = REFERENCE / "allen-grids"
+MHTS = REFERENCE / "mhts"
 REAL_ZIPS = {
     74272479: GRIDS / "Nrp1_P56_coronal_74272479_200um.zip",
     71717084: GRIDS / "Pdyn_P56_coronal_71717084_200um.zip",
@@ -32,7 +36,8 @@ NOTEBOOK_STEPS = (0.2, 0.2, 0.2)
 
 def require_reference() -> None:
     if not GRIDS.is_dir():
-        pytest.fail(f"reference data missing: {GRIDS} (set AMBASYNC_REFERENCE_DIR)")
+        pytest.fail(f"reference data missing: {GRIDS} (tests/fixtures is part of the repository; "
+                    "AMBASYNC_REFERENCE_DIR, if set, must be laid out the same way)")
 
 
 def raw_from_zip(path: Path, member: str = "energy.raw", dtype: str = "<f4") -> np.ndarray:
