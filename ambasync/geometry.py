@@ -108,3 +108,21 @@ def output_geometry(
         y_cosines=tuple(float(v) for v in ydc),
         z_cosines=tuple(float(v) for v in zdc),
     )
+
+
+def affine(geometry: Geometry) -> np.ndarray:
+    """4×4 matrix from a voxel index in array order (slowest→fastest, as ``geometry.dimnames``)
+    to world (x, y, z) in mm: the MINC rule, world = Σ cosines_d · (start_d + step_d · i_d).
+
+    The one place where MINC geometry becomes an affine: NIfTI output, the cube's world
+    coordinates and the resampling of user maps all use it.
+    """
+    import numpy as np  # here: the event-loop process imports this module, never numpy
+
+    cosines = {"xspace": geometry.x_cosines, "yspace": geometry.y_cosines, "zspace": geometry.z_cosines}
+    out = np.eye(4)
+    for d, name in enumerate(geometry.dimnames):
+        cos = np.asarray(cosines[name], dtype=float)
+        out[:3, d] = cos * geometry.steps[d]
+        out[:3, 3] += cos * geometry.starts[d]
+    return out
