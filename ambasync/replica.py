@@ -1,6 +1,6 @@
 """A faithful offline replica of the Allen Brain Atlas API (127.0.0.1 only).
 
-It serves what ambasync uses of the real service, as ``../shared/allen-api.md``
+It serves what ambasync uses of the real service, as its public documentation and real downloads
 describes it: the RMA catalogue (JSON envelope and CSV, paging, ``total_rows``,
 nulls, repeated rows) and grid zips laid out like real downloads. Grids are
 synthetic and deterministic (``-1`` outside an ellipsoid brain), plus the real
