@@ -1,7 +1,7 @@
 """A faithful offline replica of the Allen Brain Atlas API (127.0.0.1 only).
 
 It serves what ambasync uses of the real service, as its public documentation and real downloads
-describes it: the RMA catalogue (JSON envelope and CSV, paging, ``total_rows``,
+describe it: the RMA catalogue (JSON envelope and CSV, paging, ``total_rows``,
 nulls, repeated rows) and grid zips laid out like real downloads. Grids are
 synthetic and deterministic (``-1`` outside an ellipsoid brain), plus the real
 Nrp1 and Pdyn zips under their real ids when the reference data is found.
