@@ -14,20 +14,12 @@ from typing import Sequence
 
 from . import __version__
 from .config import DEFAULT_CONFIG_TEXT, LOG_FORMATS, PLANES, VOLUMES, Config, load_config
-from .errors import EXIT_OK, EXIT_USAGE, RunError
+from .errors import EXIT_OK, EXIT_USAGE, RunError, exit_codes_text
 from .geometry import ORIENTATIONS, SPACES
 from .minc import DTYPES
 from .report import setup_logging
 
-EXIT_CODES = """exit codes:
-  0    every experiment handled succeeded (or was already up to date)
-  1    some experiments failed (see the log, manifest.csv and reports/)
-  2    usage or configuration error
-  3    another run holds the lock on the output folder
-  4    upstream unreachable or the catalogue query failed
-  5    disk full
-  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM)
-"""
+EXIT_CODES = exit_codes_text()
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,23 @@ EXIT_DISK_FULL = 5  # no space left on the output device
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
+# What each code means, for `--help` (and the README's table says the same).
+EXIT_MEANINGS = (
+    (EXIT_OK, "every experiment handled succeeded (or was already up to date)"),
+    (EXIT_FAILED, "some experiments failed (see the log, manifest.csv and reports/)"),
+    (EXIT_USAGE, "usage or configuration error"),
+    (EXIT_LOCKED, "another run holds the lock on the output folder"),
+    (EXIT_UPSTREAM, "upstream unreachable or the catalogue query failed"),
+    (EXIT_DISK_FULL, "disk full"),
+    (EXIT_SIGINT, "interrupted (SIGINT, Ctrl-C)"),
+    (EXIT_SIGTERM, "terminated (SIGTERM)"),
+)
+
+
+def exit_codes_text() -> str:
+    """The exit-code table as the epilog of every command's help."""
+    return "exit codes:\n" + "".join(f"  {code:<4} {meaning}\n" for code, meaning in EXIT_MEANINGS)
+
 
 class ExperimentError(Exception):
     """One experiment could not be mirrored; the run goes on."""

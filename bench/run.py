@@ -25,7 +25,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ambasync.replica import Replica, ReplicaConfig, ReplicaProcess
+from ambasync.replica import Replica, ReplicaConfig
+from tests.replica_process import ReplicaProcess  # test scaffolding, shared with the tests (one copy)
 
 PY = sys.executable
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ambasync.replica import ReplicaProcess  # noqa: F401  (tests import it from here)
+from replica_process import ReplicaProcess  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"  # real data carried by the repository (see its README.md)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ambasync.catalog import grid_url, query_url
-from ambasync.replica import REAL_IDS, TABULAR_COLUMNS, ReplicaConfig, serve
+from ambasync.catalog import COLUMNS, grid_url, query_url
+from ambasync.replica import REAL_IDS, ReplicaConfig, serve
 from conftest import REAL_ZIPS, require_reference
 
 
@@ -27,7 +27,7 @@ async def test_catalogue_envelope_paging_and_totals():
         doc = json.loads(body)
         assert status == 200 and doc["success"] is True
         assert doc["start_row"] == 10 and doc["num_rows"] == 8 and doc["total_rows"] == 32
-        assert list(doc["msg"][0]) == TABULAR_COLUMNS
+        assert list(doc["msg"][0]) == list(COLUMNS)
         ids = [r["experiment_id"] for r in doc["msg"]]
         assert ids == sorted(ids)
         _, _, body = await get(query_url(url, "sagittal", 0, 50))
@@ -44,7 +44,7 @@ async def test_csv_has_the_header_and_empty_nulls():
         status, _, body = await get(query_url(url, "coronal", 0, 100, fmt="csv"))
     assert status == 200 and not body.startswith(b"\xef\xbb\xbf")
     frame = pd.read_csv(io.BytesIO(body))
-    assert list(frame.columns) == TABULAR_COLUMNS and len(frame) == 14
+    assert list(frame.columns) == list(COLUMNS) and len(frame) == 14
     assert frame["entrez_id"].isna().any()
 
 

@@ -1,0 +1,21 @@
+"""A faithful offline replica of the Allen Brain Atlas API (127.0.0.1 only).
+
+It serves what ambasync uses of the real service, as its public documentation and real
+downloads describe it: the RMA catalogue (JSON envelope and CSV, paging, ``total_rows``,
+nulls, repeated rows) and grid zips laid out like real downloads. Grids are synthetic and
+deterministic (``-1`` outside an ellipsoid brain), plus the real Nrp1 and Pdyn zips under
+their real ids when the reference data is found. Transient faults, permanently bad
+experiments, a connection limit, latency and bandwidth are injected deterministically
+from a seed, for tests and benchmarks.
+
+Parts: :mod:`.catalogue` (rows and pages), :mod:`.grids` (zips), :mod:`.faults` (who gets
+which fault), :mod:`.server` (HTTP), :mod:`.settings` (ReplicaConfig, ReplicaStats).
+"""
+
+from .faults import BAD_KINDS, FAULT_KINDS
+from .grids import GRID_SHAPE, REAL_FILES, REAL_IDS, synthetic_grid
+from .server import Replica, main_serve, serve
+from .settings import ReplicaConfig, ReplicaStats
+
+__all__ = ["BAD_KINDS", "FAULT_KINDS", "GRID_SHAPE", "REAL_FILES", "REAL_IDS", "Replica", "ReplicaConfig",
+           "ReplicaStats", "main_serve", "serve", "synthetic_grid"]
