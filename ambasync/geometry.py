@@ -26,6 +26,17 @@ RESOLUTION_BY_SIZE = {
     58 * 41 * 67: 200,
 }
 
+# The Allen grid shapes as their MetaImage headers write them (DimSize = x y z, x fastest:
+# x = A-P, y = S-I, z = L-R), with their resolution in µm. Only these, in this axis order,
+# are Allen grids: a permutation has the right voxel count and the wrong geometry.
+ALLEN_DIM_SIZES = {
+    (1320, 800, 1140): 10,
+    (528, 320, 456): 25,
+    (264, 160, 228): 50,
+    (132, 80, 114): 100,
+    (67, 41, 58): 200,
+}
+
 # Centres (x, y, z) in µm and direction cosines, verbatim from the notebook.
 _CENTERS = {
     "RAS": {"MICe": (5700, 7900, 2700), "CCFv3": (0, 13200, 8000)},

@@ -3,7 +3,11 @@
 The zip's ``V.mhd`` header is parsed for the grid's size, element type and byte
 order, and ``V.raw`` is checked against it before a single voxel is trusted.
 The member sizes a zip declares are checked before inflating anything, so a
-zip bomb costs nothing. Pure functions: bytes in, array out.
+zip bomb costs nothing. Only Allen's own grid shapes are accepted (a permuted
+``DimSize`` has the right voxel count and the wrong geometry), and a grid holding
+NaN or Inf is refused: Allen grids never do, so such a download is corrupt and a
+single NaN would turn a whole ``ushort`` volume into NaN. Pure functions: bytes in,
+array out.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import PermanentError, TransientError
+from .geometry import ALLEN_DIM_SIZES
 
 # MetaImage element types -> numpy type codes (without byte order).
 ELEMENT_TYPES = {
@@ -73,6 +78,11 @@ def parse_mhd(text: str) -> MhdHeader:
         raise PermanentError(f"bad grid header: missing or unreadable {exc}") from None
     if ndims != 3 or len(dims) != 3 or min(dims) <= 0:
         raise PermanentError(f"bad grid header: expected 3 positive dimensions, got NDims={ndims} DimSize={dims}")
+    if dims not in ALLEN_DIM_SIZES:
+        known = "; ".join(f"{' '.join(map(str, shape))} at {res} µm" for shape, res in ALLEN_DIM_SIZES.items())
+        raise PermanentError(
+            f"bad grid header: DimSize = {fields['DimSize']} is not an Allen grid shape (x y z: {known})"
+        )
     if etype not in ELEMENT_TYPES:
         raise PermanentError(f"bad grid header: unsupported ElementType {etype!r}")
     msb = fields.get("BinaryDataByteOrderMSB", fields.get("ElementByteOrderMSB", "False"))
@@ -129,4 +139,10 @@ def read_grid(body: bytes, volume: str = "energy", max_raw_bytes: int = 64 * 102
     raw = _read_member(zf, f"{volume}.raw", expected)
     if len(raw) != expected:
         raise PermanentError(f"{volume}.raw holds {len(raw)} bytes but its header says {expected}")
-    return np.frombuffer(raw, dtype=header.dtype).reshape(header.shape).astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # a double beyond float32's range becomes Inf, refused just below
+        grid = np.frombuffer(raw, dtype=header.dtype).reshape(header.shape).astype(np.float32, copy=False)
+    bad = grid.size - int(np.count_nonzero(np.isfinite(grid)))
+    if bad:
+        raise PermanentError(f"{volume}.raw: grid holds {bad} NaN/Inf values, which Allen grids never do: "
+                             "refused as corrupt, no file written (--retry-failed tries it again)")
+    return grid

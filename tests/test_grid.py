@@ -48,12 +48,89 @@ def test_real_zip_decodes_to_the_raw_floats():
         assert (grid == -1).mean() > 0.2, eid  # "no data" voxels survive untouched
 
 
-def test_header_shape_type_and_byte_order_are_read_not_assumed():
-    values = np.arange(4 * 3 * 2, dtype=">i2").reshape(2, 3, 4)  # z=2, y=3, x=4, big-endian int16
-    body = make_zip({"energy.mhd": header("4 3 2", "MET_SHORT", "True"), "energy.raw": values.tobytes()})
-    grid = read_grid(body)
-    assert grid.shape == (2, 3, 4)
-    np.testing.assert_array_equal(grid, values.astype(np.float32))
+def grid_zip(values: np.ndarray, etype: str, msb_key: str = "BinaryDataByteOrderMSB", dims: str = "67 41 58") -> bytes:
+    """A zip like Allen's holding ``values`` (C order (z, y, x), already in the stored dtype)."""
+    text = header(dims, etype, "True" if values.dtype.byteorder == ">" else "False").decode()
+    if msb_key != "BinaryDataByteOrderMSB":
+        text = text.replace("BinaryDataByteOrderMSB", msb_key)
+    return make_zip({"energy.raw": values.tobytes(), "energy.mhd": text.encode()})
+
+
+def nrp1() -> np.ndarray:
+    require_reference()
+    return raw_from_zip(REAL_ZIPS[74272479])
+
+
+@pytest.mark.parametrize("stored, etype, msb_key", [
+    (">f4", "MET_FLOAT", "BinaryDataByteOrderMSB"),
+    ("<f8", "MET_DOUBLE", "BinaryDataByteOrderMSB"),
+    (">f8", "MET_DOUBLE", "BinaryDataByteOrderMSB"),
+    (">f4", "MET_FLOAT", "ElementByteOrderMSB"),
+    (">f8", "MET_DOUBLE", "ElementByteOrderMSB"),
+])
+def test_big_endian_and_double_grids_decode_to_the_same_values_as_allens_floats(stored, etype, msb_key):
+    """A grid re-encoded big-endian or as doubles (either byte-order key) gives exactly Allen's voxels."""
+    raw = nrp1()
+    grid = read_grid(grid_zip(raw.astype(stored), etype, msb_key))
+    assert grid.dtype == np.float32 and grid.shape == (58, 41, 67)
+    np.testing.assert_array_equal(grid, raw)
+
+
+@pytest.mark.parametrize("stored, etype", [("u1", "MET_UCHAR"), (">i2", "MET_SHORT"), (">u2", "MET_USHORT"),
+                                           ("<i4", "MET_INT")])
+def test_integer_grids_decode_to_their_values_in_the_header_shape_and_byte_order(stored, etype):
+    """x varies fastest, y next, z slowest, whatever the element type and byte order."""
+    z, y, x = np.indices((58, 41, 67))
+    values = ((x + 3 * y + 7 * z) % 200).astype(stored)  # every axis changes the value: a transpose shows
+    grid = read_grid(grid_zip(values, etype))
+    assert grid.shape == (58, 41, 67)
+    np.testing.assert_array_equal(grid, ((x + 3 * y + 7 * z) % 200).astype(np.float32))
+    assert grid[0, 0, 1] == 1 and grid[0, 1, 0] == 3 and grid[1, 0, 0] == 7
+
+
+@pytest.mark.parametrize("stored, etype", [("<f4", "MET_FLOAT"), (">f4", "MET_FLOAT"), ("<f8", "MET_DOUBLE"),
+                                           (">f8", "MET_DOUBLE")])
+def test_a_grid_holding_nan_or_inf_is_refused_with_the_count_and_writes_no_file(tmp_path, stored, etype):
+    """Today one NaN voxel turns a whole ushort volume into NaN (-1 included) and it is marked done."""
+    raw = nrp1().astype(stored)
+    raw[10, 20, 30] = np.nan
+    raw[11, 20, 30] = np.inf
+    raw[12, 20, 30] = -np.inf
+    body = grid_zip(raw, etype)
+    with pytest.raises(PermanentError, match="grid holds 3 NaN/Inf values"):
+        read_grid(body)
+    from ambasync.convert import ConvertJob, convert
+
+    for dtype in ("ushort", "float"):
+        target = tmp_path / f"Nrp1_74272479_{dtype}.mnc"
+        job = ConvertJob(74272479, body, (("energy", str(target)),), "RAS", "MICe", 1.0, dtype, 64 << 20)
+        with pytest.raises(PermanentError, match="3 NaN/Inf"):
+            convert(job)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_double_beyond_float32_range_is_refused_not_stored_as_inf():
+    raw = nrp1().astype(">f8")
+    raw[0, 0, 0] = 1e300
+    with pytest.raises(PermanentError, match="grid holds 1 NaN/Inf values"):
+        read_grid(grid_zip(raw, "MET_DOUBLE"))
+
+
+@pytest.mark.parametrize("dims", ["58 41 67", "41 67 58", "67 58 41", "58 67 41", "41 58 67"])
+def test_a_permuted_dimsize_is_refused_quoting_the_header(dims):
+    """Same voxel count, wrong axes: written today with the wrong geometry."""
+    body = make_zip({"energy.raw": nrp1().tobytes(), "energy.mhd": header(dims)})
+    with pytest.raises(PermanentError, match=f"DimSize = {dims} is not an Allen grid shape"):
+        read_grid(body)
+
+
+def test_every_allen_resolution_is_accepted_in_allens_axis_order():
+    # CCFv3 grids: x = A-P, y = S-I, z = L-R (the ISH 200 µm grid is one voxel larger on each axis)
+    for dims in ("67 41 58", "132 80 114", "264 160 228", "528 320 456", "1320 800 1140"):
+        assert parse_mhd(header(dims).decode()).dim_size == tuple(int(d) for d in dims.split())
+    for dims in ("66 40 57", "4 3 2", "114 80 132"):
+        with pytest.raises(PermanentError, match="not an Allen grid shape"):
+            parse_mhd(header(dims).decode())
 
 
 def test_parse_mhd_rejects_what_it_cannot_use():
@@ -89,7 +166,7 @@ def test_zip_bomb_is_refused_from_its_declared_size_without_inflating():
     assert len(bomb) < 1_000_000
     with pytest.raises(PermanentError, match="209715200 bytes but its header says 637304"):
         read_grid(bomb)
-    huge_header = make_zip({"energy.raw": b"", "energy.mhd": header("5000 5000 5000")})
+    huge_header = make_zip({"energy.raw": b"", "energy.mhd": header("1320 800 1140")})  # 10 µm: 4.8 GB
     with pytest.raises(PermanentError, match="over the limit"):
         read_grid(huge_header)
 
