@@ -2,15 +2,19 @@
 
 Later sources override earlier ones, in that order. Every key is typed and
 checked here, so a typo or a bad value stops the run with a one-line error
-naming the key (exit code 2) instead of surprising it halfway through.
+naming the key and where it was set (exit code 2) instead of surprising it
+halfway through. Numbers must be finite (``nan`` and ``inf`` parse as floats
+and would otherwise reach the geometry or the timeouts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import string
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -146,12 +150,15 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         return value
     if isinstance(default, (int, float)):
         if isinstance(value, str):
+            text = value.strip()
             try:
-                value = int(value) if isinstance(default, int) else float(value)
+                value = int(text) if isinstance(default, int) and text.lstrip("+-").isdigit() else float(text)
             except ValueError:
                 raise ConfigError(f"{name}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
         if isinstance(default, int) and not float(value).is_integer():
             raise ConfigError(f"{name}: expected a whole number, got {value!r}")
         return int(value) if isinstance(default, int) else float(value)
@@ -171,24 +178,42 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _validate(cfg: Config) -> None:
+_NON_NEGATIVE = {
+    ("source", "limit"),  # 0 = all
+    ("convert", "workers"),  # 0 = one per CPU
+    ("download", "requests_per_second"),  # 0 = no cap
+    ("download", "backoff_base"),
+    ("download", "backoff_max"),
+    ("pipeline", "conversions_in_flight"),  # 0 = twice the workers
+}
+
+
+def _validate(cfg: Config, origins: Mapping[tuple[str, str], str] | None = None) -> None:
+    """Check values against each other and their bounds; ``origins`` says where each key was set."""
+    origins = origins or {}
+
+    def where(section: str, key: str) -> str:
+        return f" (set in {origins[section, key]})" if (section, key) in origins else ""
+
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
-            raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
-    for section, key in _POSITIVE:
-        if getattr(getattr(cfg, section), key) <= 0:
-            raise ConfigError(f"{section}.{key}: must be greater than 0")
-    for section, key in (("source", "limit"), ("convert", "workers"), ("download", "requests_per_second"),
-                         ("download", "backoff_base"), ("download", "backoff_max"),
-                         ("pipeline", "conversions_in_flight")):
-        if getattr(getattr(cfg, section), key) < 0:
-            raise ConfigError(f"{section}.{key}: must not be negative")
+            raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}{where(section, key)}")
+    for section, key in sorted(_POSITIVE):
+        value = getattr(getattr(cfg, section), key)
+        if value <= 0:
+            raise ConfigError(f"{section}.{key}: must be greater than 0, got {value!r}{where(section, key)}")
+    for section, key in sorted(_NON_NEGATIVE):
+        value = getattr(getattr(cfg, section), key)
+        if value < 0:
+            raise ConfigError(f"{section}.{key}: must not be negative, got {value!r}{where(section, key)}")
     bad_volumes = [v for v in cfg.convert.volumes if v not in VOLUMES]
     if bad_volumes or not cfg.convert.volumes:
         raise ConfigError(f"convert.volumes: {cfg.convert.volumes!r} must be a non-empty list of {', '.join(VOLUMES)}")
-    if not cfg.source.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"source.base_url: {cfg.source.base_url!r} is not an http(s) URL")
+    url = urllib.parse.urlsplit(cfg.source.base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"source.base_url: {cfg.source.base_url!r} is not an http(s) URL with a host"
+                          f"{where('source', 'base_url')}")
     _validate_template(cfg.convert.name_template)
     if cfg.source.shard:
         try:
@@ -218,7 +243,10 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None
         raise ConfigError(f"{origin}: unknown section [{section}]")
     if key not in {f.name for f in dataclasses.fields(sub)}:
         raise ConfigError(f"{origin}: unknown key {section}.{key}")
-    setattr(sub, key, _coerce(section, key, value, getattr(sub, key)))
+    try:
+        setattr(sub, key, _coerce(section, key, value, getattr(sub, key)))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (set in {origin})") from None
 
 
 def default_config_path(environ: Mapping[str, str] = os.environ) -> Path | None:
@@ -236,6 +264,7 @@ def load_config(
 ) -> Config:
     """Build the run's settings. ``overrides`` maps (section, key) to CLI values (None = not given)."""
     cfg = Config()
+    origins: dict[tuple[str, str], str] = {}  # where each key was last set, for error messages
     file = Path(path) if path is not None else default_config_path(environ)
     if file is not None:
         try:
@@ -251,6 +280,7 @@ def load_config(
                 raise ConfigError(f"{file}: {section!r} must be a [section], not a top-level key")
             for key, value in table.items():
                 _apply(cfg, section, key, value, str(file))
+                origins[section, key] = str(file)
     sections = {f.name for f in dataclasses.fields(cfg)}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or name == "AMBASYNC_CONFIG" or name == "AMBASYNC_REFERENCE_DIR":
@@ -260,8 +290,10 @@ def load_config(
         if section is None:
             raise ConfigError(f"environment: {name} names no config section ({', '.join(sorted(sections))})")
         _apply(cfg, section, rest[len(section) + 1:], value, f"environment {name}")
+        origins[section, rest[len(section) + 1:]] = f"environment {name}"
     for (section, key), value in (overrides or {}).items():
         if value is not None:
             _apply(cfg, section, key, value, "command line")
-    _validate(cfg)
+            origins[section, key] = "command line"
+    _validate(cfg, origins)
     return cfg

@@ -1,6 +1,7 @@
 """Settings: a typo in config.toml must stop the run with a message naming the key,
 not be ignored until the mirror is half wrong."""
 
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,70 @@ def test_cli_reports_a_bad_config_in_one_line_with_exit_code_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ambasync", "run", "--plane", "axial"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[convert]\nexpansion = nan\n", "convert.expansion"),
+    ("[convert]\nexpansion = inf\n", "convert.expansion"),
+    ("[download]\nread_timeout = -inf\n", "download.read_timeout"),
+    ("[download]\nrequests_per_second = inf\n", "download.requests_per_second"),
+    ("[download]\nbackoff_max = nan\n", "download.backoff_max"),
+    ("[source]\nlimit = inf\n", "source.limit"),
+])
+def test_nan_and_inf_in_the_config_file_name_the_key_and_the_file(tmp_path, text, key):
+    """nan is valid TOML: accepted today, it writes NaN geometry or hangs a timeout."""
+    with pytest.raises(ConfigError, match=rf"{key}: expected a finite number.*set in .*c\.toml"):
+        load_config(write(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("AMBASYNC_DOWNLOAD_READ_TIMEOUT", "nan"),
+    ("AMBASYNC_DOWNLOAD_CONNECT_TIMEOUT", "inf"),
+    ("AMBASYNC_CONVERT_EXPANSION", "-inf"),
+    ("AMBASYNC_DOWNLOAD_CONCURRENCY", "NaN"),
+    ("AMBASYNC_PIPELINE_PROGRESS_INTERVAL", " nan "),
+])
+def test_nan_and_inf_in_the_environment_name_the_key_and_the_variable(name, value):
+    key = name[len("AMBASYNC_"):].lower().replace("_", ".", 1)
+    with pytest.raises(ConfigError, match=rf"{key}: expected a finite number.*set in environment {name}"):
+        load_config(None, environ={name: value})
+
+
+@pytest.mark.parametrize("section, key, value, why", [
+    ("convert", "expansion", float("nan"), "expected a finite number"),
+    ("convert", "expansion", float("inf"), "expected a finite number"),
+    ("convert", "expansion", 0.0, "must be greater than 0"),
+    ("convert", "expansion", -1.0, "must be greater than 0"),
+    ("download", "read_timeout", 0.0, "must be greater than 0"),
+    ("source", "page_size", 0, "must be greater than 0"),
+    ("source", "limit", -1, "must not be negative"),
+    ("convert", "workers", -2, "must not be negative"),
+])
+def test_flags_out_of_range_name_the_key_and_the_command_line(section, key, value, why):
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: {why}.*command line"):
+        load_config(None, {(section, key): value}, environ={})
+
+
+def test_a_zero_or_negative_value_from_the_environment_says_where_it_came_from():
+    with pytest.raises(ConfigError, match=r"download\.read_timeout: must be greater than 0, got 0\.0 "
+                                          r"\(set in environment AMBASYNC_DOWNLOAD_READ_TIMEOUT\)"):
+        load_config(None, environ={"AMBASYNC_DOWNLOAD_READ_TIMEOUT": "0"})
+
+
+def test_a_base_url_without_a_host_is_refused():
+    with pytest.raises(ConfigError, match="source.base_url"):
+        load_config(None, {("source", "base_url"): "http://"}, environ={})
+
+
+def test_cli_refuses_nan_from_a_flag_or_the_environment_in_one_line_with_exit_code_2(tmp_path):
+    """Today `--expansion nan` writes NaN geometry and AMBASYNC_DOWNLOAD_READ_TIMEOUT=nan crashes the run."""
+    base = [sys.executable, "-m", "ambasync", "run", "--out", str(tmp_path / "out"), "--base-url", "http://127.0.0.1:9"]
+    proc = subprocess.run(base + ["--expansion", "nan"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "convert.expansion" in proc.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMBASYNC_") or k == "AMBASYNC_REFERENCE_DIR"}
+    proc = subprocess.run(base, capture_output=True, text=True, timeout=60,
+                          env={**env, "AMBASYNC_DOWNLOAD_READ_TIMEOUT": "nan"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "AMBASYNC_DOWNLOAD_READ_TIMEOUT" in proc.stderr
+    assert not (tmp_path / "out").exists()
