@@ -1,0 +1,195 @@
+"""The cube's own membership records: which slot holds which experiment, with which grids.
+
+They live inside the store (``cube.zarr/.ambasync/``), so the store describes itself and
+every writer on every machine sees the same truth through the shared filesystem, with no
+lock service. Only two filesystem operations are relied on, both atomic on local disks and
+on NFS: ``mkdir`` (claiming a slot, taking the publish lease) and ``rename`` (every file is
+written under a temporary name, then renamed; :func:`ambasync.files.atomic_path`).
+
+- ``slots/{slot}/`` exists: the slot is claimed (``claim.json`` says for which experiment, by
+  which writer). Claims are taken by ``mkdir``, so two writers never get one slot.
+- ``slots/{slot}/member.json``: the slot's chunks hold that experiment's grids, whose
+  :func:`~ambasync.cube.layout.grid_sha256` is recorded. Written after the chunks, so a
+  record never points at data that is not there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import RunError
+from ..files import atomic_path
+
+SLOT_DIGITS = 8
+
+
+@dataclass(frozen=True)
+class Member:
+    """An experiment in the cube: its slot, the sha256 of its grids, its catalogue fields."""
+
+    slot: int
+    experiment_id: int
+    sha256: str
+    fields: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Claim:
+    slot: int
+    experiment_id: int
+    writer: str
+
+
+class CubeBusyError(RunError):
+    """Another writer held the publish lease for longer than we were willing to wait."""
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, sort_keys=True))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return None  # cannot happen with atomic writes; treated as absent, so the slot is redone
+
+
+class Slots:
+    """Slot claims and member records of one store (``root`` = ``cube.zarr/.ambasync``)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.dir = self.root / "slots"
+
+    def _slot_dir(self, slot: int) -> Path:
+        return self.dir / f"{slot:0{SLOT_DIGITS}d}"
+
+    def taken(self) -> set[int]:
+        """Slots claimed now (with or without a member)."""
+        try:
+            return {int(name) for name in os.listdir(self.dir) if name.isdigit()}
+        except FileNotFoundError:
+            return set()
+
+    def scan(self) -> tuple[dict[int, Member], dict[int, Claim]]:
+        """(members by slot, claims without a member by slot): one pass over the records."""
+        members: dict[int, Member] = {}
+        orphans: dict[int, Claim] = {}
+        for slot in sorted(self.taken()):
+            d = self._slot_dir(slot)
+            doc = _read_json(d / "member.json")
+            if doc is not None:
+                members[slot] = Member(slot, int(doc["experiment_id"]), doc["sha256"], doc.get("fields", {}))
+                continue
+            claim = _read_json(d / "claim.json")
+            if claim is not None:
+                orphans[slot] = Claim(slot, int(claim["experiment_id"]), claim.get("writer", ""))
+            else:  # claimed, killed before claim.json: nobody can tell whose; any writer may reuse it
+                orphans[slot] = Claim(slot, -1, "")
+        return members, orphans
+
+    def claim(self, experiment_id: int, writer: str, taken: set[int], start: int = 0) -> int:
+        """Take the lowest free slot at or above ``start`` for ``experiment_id``. ``taken`` is the
+        caller's view of claimed slots (kept up to date here); ``mkdir`` settles any race."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        slot = start
+        while True:
+            while slot in taken:
+                slot += 1
+            try:
+                os.mkdir(self._slot_dir(slot))
+            except FileExistsError:  # another writer got there first
+                taken.add(slot)
+                continue
+            taken.add(slot)
+            self.write_claim(slot, experiment_id, writer)
+            return slot
+
+    def claim_age(self, slot: int) -> float:
+        """Seconds since the slot was claimed (by its folder's time: no clock in the record needed)."""
+        try:
+            return time.time() - self._slot_dir(slot).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def write_claim(self, slot: int, experiment_id: int, writer: str) -> None:
+        _write_json(self._slot_dir(slot) / "claim.json", {
+            "experiment_id": experiment_id, "writer": writer, "host": socket.gethostname(), "pid": os.getpid(),
+            "time": time.time()})
+
+    def write_member(self, member: Member) -> None:
+        """Record that the slot's chunks now hold ``member`` (call after writing them)."""
+        _write_json(self._slot_dir(member.slot) / "member.json", {
+            "experiment_id": member.experiment_id, "sha256": member.sha256, "fields": member.fields})
+
+    def read_member(self, slot: int) -> Member | None:
+        doc = _read_json(self._slot_dir(slot) / "member.json")
+        if doc is None:
+            return None
+        return Member(slot, int(doc["experiment_id"]), doc["sha256"], doc.get("fields", {}))
+
+    def unrecord(self, slot: int) -> None:
+        """The slot no longer holds an experiment (its claim stays until :meth:`release`)."""
+        (self._slot_dir(slot) / "member.json").unlink(missing_ok=True)
+
+    def release(self, slot: int) -> None:
+        """Free the slot for any writer."""
+        d = self._slot_dir(slot)
+        for name in ("member.json", "claim.json"):
+            (d / name).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            d.rmdir()
+
+
+@contextlib.contextmanager
+def lease(root: Path, writer: str, wait_seconds: float, stale_seconds: float,
+          poll_seconds: float = 0.2) -> Iterator[None]:
+    """Hold the store's publish lease (``mkdir``; works across machines over NFS, where
+    ``flock`` does not). A lease older than ``stale_seconds`` belongs to a writer that died: it
+    is broken by renaming it aside (only one breaker can win the rename). Clocks of the
+    machines sharing a store must agree to well within ``stale_seconds``."""
+    path = Path(root) / "publish.lease"
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            os.mkdir(path)
+            break
+        except FileExistsError:
+            holder = _read_json(path / "holder.json") or {}
+            try:
+                since = float(holder.get("time", path.stat().st_mtime))
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if time.time() - since > stale_seconds:
+                broken = path.with_name(f"publish.lease.broken-{uuid.uuid4().hex}")
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    os.rename(path, broken)
+                    for child in broken.iterdir():
+                        child.unlink(missing_ok=True)
+                    broken.rmdir()
+                continue
+            if time.monotonic() > deadline:
+                raise CubeBusyError(
+                    f"{path.parent.parent} is being updated by {holder.get('writer', '?')} on "
+                    f"{holder.get('host', '?')} (pid {holder.get('pid', '?')}): run again when it is done") from None
+            time.sleep(poll_seconds)
+    try:
+        _write_json(path / "holder.json", {"writer": writer, "host": socket.gethostname(), "pid": os.getpid(),
+                                           "time": time.time()})
+        yield
+    finally:
+        (path / "holder.json").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()

@@ -1,0 +1,495 @@
+"""The cube store in the main process: open (create, check, set aside), give out slots,
+remove experiments, publish, summarise.
+
+Who writes what (so that no two writers ever share a chunk, on one machine or several):
+
+- conversion workers write one experiment's volume-major chunks (its slot's own files) and then
+  its member record (:mod:`ambasync.cube.writer`); a slot is claimed by one writer (``mkdir``);
+- everything shared (the voxel-major copy, coverage, coordinates, array shapes, consolidated
+  metadata) is written only by :meth:`Cube.publish`, under the store's publish lease.
+
+Readers always see a store that opens: every file is replaced atomically, coordinates have a
+fixed chunk size, and the consolidated metadata (one file) is written last, so a reader holding
+the previous metadata still decodes every chunk. The member records are the truth about what
+the cube holds; :meth:`Cube.publish` derives everything else from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from .. import __version__
+from ..errors import ConfigError, DiskFullError, disk_full
+from ..files import atomic_path
+from ..geometry import Geometry, output_geometry
+from . import layout
+from .layout import (
+    BY_VOXEL, CATALOGUE_COLUMNS, COORD_CHUNK, DIMS, FILL, FLOAT_COLUMNS, FORMAT_VERSION, INT_COLUMNS, META,
+    PLANES, STRING_COLUMNS, CubeSettings,
+)
+from .slots import Member, Slots, lease
+
+ALLEN_GRID_SHAPE = (58, 41, 67)  # the 200 µm Allen grid as stored (PIR), C order
+STALE_CLAIM_SECONDS = 24 * 3600  # a slot claimed this long ago and never filled is free again
+LEASE_WAIT_SECONDS = 900.0  # how long a publish waits for another writer's publish
+LEASE_STALE_SECONDS = 3600.0  # a publish lease this old was left by a dead writer
+
+
+class CubeSettingsError(ConfigError):
+    """The store at cube.zarr was written with other settings: never mixed (exit 2, or --force)."""
+
+
+@dataclass(frozen=True)
+class CubeTarget:
+    """What a conversion worker needs to put one experiment into the cube (picklable)."""
+
+    store: str
+    slot: int
+    experiment_id: int
+    fields: dict
+    settings: CubeSettings
+    known_sha256: str | None = None  # the slot already holds grids with this sha256
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    changed: bool  # False: nothing to publish, the store's bytes were not touched
+    experiments: int
+    empty_slots: int  # slots inside the cube holding no experiment (shown with negative ids)
+    blocks_rebuilt: int
+
+
+@dataclass(frozen=True)
+class CubeSummary:
+    """What ``status`` shows."""
+
+    path: str
+    exists: bool
+    experiments: int = 0  # published experiments
+    size_bytes: int = 0  # all files of the store
+    updated: str = ""  # ISO 8601 UTC of the last publish
+    settings: dict | None = None
+
+
+def geometry(settings: CubeSettings) -> Geometry:
+    return output_geometry(ALLEN_GRID_SHAPE, settings.orientation, settings.space, settings.expansion)
+
+
+def _timestamp(now: float | None = None) -> str:
+    return dt.datetime.fromtimestamp(time.time() if now is None else now, dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+
+
+def _iso(now: float | None = None) -> str:
+    return dt.datetime.fromtimestamp(time.time() if now is None else now, dt.timezone.utc).isoformat(
+        timespec="seconds")
+
+
+def set_aside(path: Path, reason: str, now: float | None = None) -> Path:
+    """Rename a store out of the way (``cube.zarr.{reason}-YYYYmmddTHHMMSS``), never delete it."""
+    base = path.with_name(f"{path.name}.{reason}-{_timestamp(now)}")
+    target, i = base, 1
+    while target.exists():
+        target, i = base.with_name(f"{base.name}-{i}"), i + 1
+    os.rename(path, target)
+    return target
+
+
+def _blosc_codec(settings: CubeSettings):
+    from zarr.codecs import BloscCodec
+
+    c = settings.codec
+    return BloscCodec(cname=c.cname, clevel=c.clevel, shuffle=c.shuffle, typesize=4)
+
+
+def _consolidate(path: Path) -> None:
+    import zarr
+
+    with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": known, wanted
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+
+
+def _create(path: Path, settings: CubeSettings) -> None:
+    """Make an empty store beside ``path`` and rename it into place: a killed creation leaves no
+    half store under the final name; of two writers creating at once, one wins, one opens it."""
+    import zarr
+
+    tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+    geo = geometry(settings)
+    try:
+        g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        coords = " ".join(CATALOGUE_COLUMNS)
+        for var in settings.variables():
+            g.create_array(var, shape=(0, *geo.sizes), chunks=(1, *geo.sizes), dtype="float32", fill_value=FILL,
+                           compressors=[_blosc_codec(settings)], dimension_names=["experiment", *DIMS],
+                           attributes={"coordinates": coords})
+        if settings.by_voxel:
+            g.create_array(BY_VOXEL, shape=(*geo.sizes, 0), chunks=(*settings.by_voxel_chunk, settings.block),
+                           dtype="float32", fill_value=FILL, compressors=[_blosc_codec(settings)],
+                           dimension_names=[*DIMS, "experiment"], attributes={"coordinates": coords})
+        g.create_array("experiment", shape=(0,), chunks=(COORD_CHUNK,), dtype="int64", fill_value=0,
+                       dimension_names=["experiment"],
+                       attributes={"long_name": "Allen experiment (SectionDataSet) id; < 0: empty slot"})
+        for col in CATALOGUE_COLUMNS:
+            dtype, fill = ("str", "") if col in STRING_COLUMNS else ("float64", math.nan) if col in FLOAT_COLUMNS \
+                else ("int64", -1)
+            g.create_array(col, shape=(0,), chunks=(COORD_CHUNK,), dtype=dtype, fill_value=fill,
+                           dimension_names=["experiment"])
+        cosines = {"xspace": geo.x_cosines, "yspace": geo.y_cosines, "zspace": geo.z_cosines}
+        for i, dim in enumerate(DIMS):
+            a = g.create_array(dim, shape=(geo.sizes[i],), chunks=(geo.sizes[i],), dtype="float64",
+                               dimension_names=[dim], attributes={
+                                   "units": "mm", "start": geo.starts[i], "step": geo.steps[i],
+                                   "direction_cosines": list(cosines[dim])})
+            a[:] = layout.world_axis(geo.starts[i], geo.steps[i], geo.sizes[i])
+        for plane in PLANES:
+            g.create_array(f"coverage_{plane}", shape=geo.sizes, chunks=geo.sizes, dtype="float32", fill_value=0.0,
+                           dimension_names=list(DIMS), attributes={
+                               "long_name": f"fraction of the cube's {plane} experiments with data at the voxel"})
+        g.attrs.update(_root_attrs(settings, now=None))
+        (tmp / META).mkdir()
+        with atomic_path(tmp / META / "settings.json") as t:
+            t.write_text(json.dumps(settings.identity(), sort_keys=True))
+        _consolidate(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another writer created it first
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            raise DiskFullError(f"no space left on the device holding {path}: free space, then run again") from exc
+        raise
+
+
+def _root_attrs(settings: CubeSettings, now: float | None) -> dict:
+    return {
+        "ambasync_version": __version__, "format_version": FORMAT_VERSION, "orientation": settings.orientation,
+        "space": settings.space, "expansion": float(settings.expansion), "volumes": list(settings.volumes),
+        "source_url": settings.source_url, "updated": _iso(now), "ambasync_settings": settings.identity(),
+    }
+
+
+def recorded_settings(path: Path) -> dict | None:
+    """The settings a store was made with, or None if it is not a readable ambasync cube."""
+    import zarr
+
+    try:
+        recorded = json.loads((path / META / "settings.json").read_text())
+        g = zarr.open_group(str(path), mode="r", use_consolidated=True)
+        if int(g.attrs.get("format_version", -1)) != FORMAT_VERSION or "expression" not in g:
+            return None
+        g["expression"].shape  # noqa: B018  (its metadata must parse)
+    except Exception:  # noqa: BLE001  any failure to read means damaged or foreign, whatever zarr says
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _sweep_creations(parent: Path, name: str, older_than: float = 3600.0) -> None:
+    for leftover in parent.glob(f".{name}.creating-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - leftover.stat().st_mtime > older_than:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+class Cube:
+    """A cube store opened for writing by one run (main process). Not thread-safe."""
+
+    def __init__(self, path: Path, settings: CubeSettings, writer: str, set_aside_to: Path | None):
+        self.path = Path(path)
+        self.settings = settings
+        self.writer = writer
+        self.set_aside_to = set_aside_to  # where a damaged, foreign or (with force) other store went
+        self.slots = Slots(self.path / META)
+        self._taken = self.slots.taken()
+        members, self._orphans = self.slots.scan()
+        self._by_id: dict[int, Member] = {}
+        for slot in sorted(members):  # a duplicate (two runs on one experiment) keeps its first slot
+            self._by_id.setdefault(members[slot].experiment_id, members[slot])
+        self._low = 0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, settings: CubeSettings, *, writer: str = "", force: bool = False,
+             now: float | None = None) -> Cube:
+        """Open ``path`` (``{out}/cube.zarr``) for writing, creating it if need be.
+
+        A damaged or foreign store is renamed ``cube.zarr.damaged-…`` and a new one made. A
+        store written with other settings raises :class:`CubeSettingsError`, or with ``force``
+        is renamed ``cube.zarr.replaced-…`` and a new one made. ``writer`` names this writer
+        in claims and the lease (e.g. "shard 0/2 on host"); informational only.
+        """
+        layout.validate(settings)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_creations(path.parent, path.name)
+        moved: Path | None = None
+        if path.exists() or path.is_symlink():
+            recorded = recorded_settings(path) if path.is_dir() else None
+            if recorded is None:
+                moved = set_aside(path, "damaged", now)
+            elif recorded != settings.identity():
+                if not force:
+                    raise CubeSettingsError(
+                        f"{path} was written with {_describe(recorded)}, not {_describe(settings.identity())}: "
+                        "run with --force to rebuild it (the old one is kept beside it), or choose another --out")
+                moved = set_aside(path, "replaced", now)
+        if not path.exists():
+            _create(path, settings)
+            if recorded_settings(path) != settings.identity():  # lost a creation race to other settings
+                raise CubeSettingsError(f"{path} was just created by another writer with other settings: "
+                                        "run again with the same settings or another --out")
+        return cls(path, settings, writer, moved)
+
+    # -- membership -------------------------------------------------------------------------------
+    def members(self) -> dict[int, Member]:
+        """Experiments in the cube (as of opening and this run's own changes), by experiment id."""
+        return dict(self._by_id)
+
+    def target(self, experiment_id: int, fields: Mapping | None = None) -> CubeTarget:
+        """Slot for ``experiment_id`` (its own if it is in the cube, else a free one, claimed now)
+        and what the worker needs to write it. Call before submitting the conversion."""
+        fields = {c: layout.catalogue_value(c, (fields or {}).get(c)) for c in CATALOGUE_COLUMNS}
+        member = self._by_id.get(experiment_id)
+        if member is not None:
+            return CubeTarget(str(self.path), member.slot, experiment_id, fields, self.settings, member.sha256)
+        for slot, claim in sorted(self._orphans.items()):
+            # our own experiment's claim left by a killed run (only its shard writes it), or a stale one
+            if claim.experiment_id == experiment_id or self.slots.claim_age(slot) > STALE_CLAIM_SECONDS:
+                del self._orphans[slot]
+                self.slots.write_claim(slot, experiment_id, self.writer)
+                return CubeTarget(str(self.path), slot, experiment_id, fields, self.settings)
+        try:
+            slot = self.slots.claim(experiment_id, self.writer, self._taken, self._low)
+        except OSError as exc:
+            if disk_full(exc):
+                raise DiskFullError(f"no space left on the device holding {self.path}: free space, then run again") \
+                    from exc
+            raise
+        self._low = slot + 1
+        return CubeTarget(str(self.path), slot, experiment_id, fields, self.settings)
+
+    def done(self, write) -> None:
+        """Take note of a worker's :class:`~ambasync.cube.writer.CubeWrite` (after a Done)."""
+        self._by_id[write.experiment_id] = Member(write.slot, write.experiment_id, write.sha256)
+
+    def release(self, target: CubeTarget) -> None:
+        """The conversion of a newly claimed slot failed: free the slot. A slot that already
+        held the experiment keeps it (its previous grids are still there, unharmed)."""
+        if target.experiment_id not in self._by_id or self._by_id[target.experiment_id].slot != target.slot:
+            self._remove_slot(target.slot)
+
+    def remove(self, experiment_id: int) -> bool:
+        """Take an experiment out of the cube (``--prune``); its slot is free for the next new one."""
+        member = self._by_id.pop(experiment_id, None)
+        if member is None:
+            return False
+        self._remove_slot(member.slot)
+        return True
+
+    def prune(self, keep: Iterable[int]) -> list[int]:
+        """Remove every experiment, and every leftover claim, not in ``keep``; returns removed ids."""
+        keep = set(keep)
+        gone = sorted(e for e in self._by_id if e not in keep)
+        for eid in gone:
+            self.remove(eid)
+        for slot, claim in list(self._orphans.items()):
+            if claim.experiment_id not in keep:
+                del self._orphans[slot]
+                self._remove_slot(slot)
+        return gone
+
+    def _remove_slot(self, slot: int) -> None:
+        # record first (readers and publish stop counting it), then the data, then the claim
+        self.slots.unrecord(slot)
+        for var in self.settings.variables():
+            (self.path / layout.chunk_key(var, slot)).unlink(missing_ok=True)
+        self.slots.release(slot)
+        self._taken.discard(slot)
+        self._low = min(self._low, slot)
+
+    # -- publish ----------------------------------------------------------------------------------
+    def publish(self, *, now: float | None = None, wait_seconds: float = LEASE_WAIT_SECONDS,
+                stale_seconds: float = LEASE_STALE_SECONDS) -> PublishResult:
+        """Bring the shared parts up to date with the member records (run end). Does nothing,
+        and writes nothing, when the members are those last published."""
+        members, _ = self.slots.scan()
+        if _digest(members) == self._published_digest():
+            return PublishResult(False, len(members), 0, 0)
+        try:
+            with lease(self.path / META, self.writer, wait_seconds, stale_seconds):
+                members, _ = self.slots.scan()  # again: others may have published meanwhile
+                digest = _digest(members)
+                if digest == self._published_digest():
+                    return PublishResult(False, len(members), 0, 0)
+                result = _publish(self.path, self.settings, members, now)
+                with atomic_path(self.path / META / "published.json") as tmp:
+                    tmp.write_text(json.dumps({"digest": digest, "time": _iso(now)}))
+                return result
+        except OSError as exc:
+            if disk_full(exc):
+                raise DiskFullError(f"no space left on the device holding {self.path} while publishing the cube: "
+                                    "free space, then run again (the previous cube is still readable)") from exc
+            raise
+
+    def _published_digest(self) -> str | None:
+        try:
+            return json.loads((self.path / META / "published.json").read_text())["digest"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+def _describe(identity: dict) -> str:
+    return (f"orientation={identity.get('orientation')} space={identity.get('space')} "
+            f"expansion={identity.get('expansion')} volumes={','.join(identity.get('volumes', []))}"
+            + ("" if identity.get("by_voxel", True) else " without the voxel-major copy"))
+
+
+def _digest(members: Mapping[int, Member]) -> str:
+    doc = [(slot, m.experiment_id, m.sha256, m.fields) for slot, m in sorted(members.items())]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resize(array, shape: tuple[int, ...]) -> None:
+    """Resize keeping chunks outside the shape: slots past the published end belong to writers
+    that have not published yet."""
+    from zarr.core.sync import sync
+
+    if tuple(array.shape) != tuple(shape):
+        sync(array.async_array.resize(shape, delete_outside_chunks=False))
+
+
+def _publish(path: Path, settings: CubeSettings, members: Mapping[int, Member], now: float | None) -> PublishResult:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    by_slot: dict[int, Member] = {}
+    seen: set[int] = set()
+    for slot in sorted(members):
+        if members[slot].experiment_id not in seen:  # a duplicate stays out (an empty slot)
+            seen.add(members[slot].experiment_id)
+            by_slot[slot] = members[slot]
+    n = max(by_slot) + 1 if by_slot else 0
+    geo = geometry(settings)
+    for var in settings.variables():
+        _resize(g[var], (n, *geo.sizes))
+    if settings.by_voxel:
+        _resize(g[BY_VOXEL], (*geo.sizes, n))
+    for name in ("experiment", *CATALOGUE_COLUMNS):
+        _resize(g[name], (n,))
+
+    # voxel-major copy and coverage counts, one block of slots at a time, only where members changed
+    blocks_dir = path / META / "blocks"
+    blocks_dir.mkdir(exist_ok=True)
+    n_blocks = math.ceil(n / settings.block)
+    totals = {plane: np.zeros(geo.sizes, dtype=np.int64) for plane in PLANES}
+    rebuilt = 0
+    for b in range(n_blocks):
+        lo, hi = b * settings.block, min((b + 1) * settings.block, n)
+        want = {str(s): [by_slot[s].sha256, by_slot[s].fields.get("plane", "")] for s in range(lo, hi) if s in by_slot}
+        want_doc = {"slots": want, "end": hi}
+        record = blocks_dir / f"{b:06d}.json"
+        counts_path = blocks_dir / f"{b:06d}.npz"
+        try:
+            same = json.loads(record.read_text()) == want_doc and counts_path.exists()
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            counts = _rebuild_block(g, settings, by_slot, lo, hi)
+            with atomic_path(counts_path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **counts)
+            with atomic_path(record) as tmp:
+                tmp.write_text(json.dumps(want_doc, sort_keys=True))
+            rebuilt += 1
+        with np.load(counts_path) as saved:
+            for plane in PLANES:
+                totals[plane] += saved[plane]
+    for stale in blocks_dir.glob("*.json"):
+        if stale.stem.isdigit() and int(stale.stem) >= n_blocks:
+            stale.unlink(missing_ok=True)
+            (blocks_dir / f"{stale.stem}.npz").unlink(missing_ok=True)
+
+    planes = [by_slot[s].fields.get("plane", "") for s in sorted(by_slot)]
+    for plane in PLANES:
+        count = planes.count(plane)
+        coverage = (totals[plane] / count if count else np.zeros(geo.sizes)).astype(np.float32)
+        g[f"coverage_{plane}"][...] = coverage
+
+    if n:
+        g["experiment"][:] = np.array([by_slot[s].experiment_id if s in by_slot else -(s + 1) for s in range(n)],
+                                      dtype=np.int64)
+        for col in CATALOGUE_COLUMNS:
+            values = [layout.catalogue_value(col, by_slot[s].fields.get(col) if s in by_slot else None)
+                      for s in range(n)]
+            dtype = object if col in STRING_COLUMNS else np.float64 if col in FLOAT_COLUMNS else np.int64
+            g[col][:] = np.array(values, dtype=dtype)
+    g.attrs.update(_root_attrs(settings, now))
+    _consolidate(path)  # last: readers switch to the new shapes in one rename
+    return PublishResult(True, len(by_slot), n - len(by_slot), rebuilt)
+
+
+def _rebuild_block(g, settings: CubeSettings, by_slot: Mapping[int, Member], lo: int, hi: int) -> dict:
+    """Rewrite slots lo..hi of the voxel-major copy from the volume-major chunks; return the
+    block's per-plane counts of voxels with data. Memory: one block of volumes."""
+    data = np.asarray(g["expression"][lo:hi])
+    for s in range(lo, hi):
+        if s not in by_slot:
+            data[s - lo] = FILL  # an empty slot: whatever a killed writer left there is not in the cube
+    counts = {}
+    for plane in PLANES:
+        rows = [s - lo for s in range(lo, hi) if s in by_slot and by_slot[s].fields.get("plane") == plane]
+        counts[plane] = np.count_nonzero(data[rows] != FILL, axis=0).astype(np.int64) if rows \
+            else np.zeros(data.shape[1:], dtype=np.int64)
+    if settings.by_voxel:
+        target = g[BY_VOXEL]
+        cz = settings.by_voxel_chunk[0]
+        for z0 in range(0, data.shape[1], cz):  # a slab of chunks at a time: bounded extra memory
+            target[z0:z0 + cz, :, :, lo:hi] = np.moveaxis(data[:, z0:z0 + cz], 0, -1)
+    return counts
+
+
+def _store_size(path: Path) -> int:
+    total = 0
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def cube_summary(path: str | os.PathLike) -> CubeSummary:
+    """Experiments, size on disk and last update of the cube at ``path`` (what readers see)."""
+    import zarr
+
+    path = Path(path)
+    if not path.is_dir():
+        return CubeSummary(str(path), False)
+    try:
+        g = zarr.open_group(str(path), mode="r", use_consolidated=True)
+        ids = np.asarray(g["experiment"][:]) if g["experiment"].shape[0] else np.zeros(0, dtype=np.int64)
+        attrs = dict(g.attrs)
+    except Exception:  # noqa: BLE001  a damaged store is reported as such by the run, not here
+        return CubeSummary(str(path), True, size_bytes=_store_size(path))
+    return CubeSummary(str(path), True, int(np.count_nonzero(ids >= 0)), _store_size(path),
+                       str(attrs.get("updated", "")), attrs.get("ambasync_settings"))
