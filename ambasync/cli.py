@@ -17,6 +17,7 @@ from .config import DEFAULT_CONFIG_TEXT, LOG_FORMATS, PLANES, VOLUMES, Config, l
 from .errors import EXIT_OK, EXIT_USAGE, RunError, exit_codes_text
 from .geometry import ORIENTATIONS, SPACES
 from .minc import DTYPES
+from .matrix import add_parser as add_matrix_parser, cmd_matrix
 from .report import setup_logging
 
 EXIT_CODES = exit_codes_text()
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init-config", help="write a commented config.toml to start from")
     init.add_argument("path", nargs="?", default="config.toml", help="where to write it (default ./config.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    add_matrix_parser(sub)
     return parser
 
 
@@ -186,7 +188,7 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "replica": cmd_replica,
-            "demo": cmd_demo, "init-config": cmd_init_config}
+            "demo": cmd_demo, "init-config": cmd_init_config, "matrix": cmd_matrix}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
