@@ -7,6 +7,9 @@ plane combinations), each a pure function of numpy arrays below, in the order
 blocks of whole genes, so memory stays near the size of the result whatever the cube holds.
 Outputs (CSV in MHTS's layout, Parquet, AnnData, Zarr, or one gene back to an image) are
 written atomically with their recipe and methods text beside them.
+
+numpy is imported inside the functions: ``ambasync.cli`` builds this command's parser in the
+run's event-loop process, which never imports numpy.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
-
-import numpy as np
 
 from . import __version__
 from .errors import ConfigError
@@ -64,6 +65,7 @@ class Selection:
 
 def select_experiments(ids: np.ndarray, genes: np.ndarray, planes: np.ndarray, recipe: Recipe) -> Selection:
     """The cube's experiments a recipe keeps; an unknown gene or id is an error naming it."""
+    import numpy as np
     ids = np.asarray(ids, dtype=np.int64)
     genes = np.asarray(genes).astype(str)
     planes = np.asarray(planes).astype(str)
@@ -108,12 +110,14 @@ def check_mask_for_plane(recipe: Recipe) -> None:
 def mirror_hemisphere(volumes: np.ndarray, axis: int) -> np.ndarray:
     """Fill each volume's no-data voxels (-1) from the voxel reflected across the midline,
     along ``axis`` (the left-right axis; the Allen grid is symmetric about its centre plane)."""
+    import numpy as np
     reflected = np.flip(volumes, axis=axis)
     return np.where(volumes == -1, reflected, volumes)
 
 
 def mark_missing(values: np.ndarray, zero_is_missing: bool) -> np.ndarray:
     """float64 copy with -1 (no data) as NaN, and measured 0 too when ``zero_is_missing``."""
+    import numpy as np
     out = np.array(values, dtype=np.float64)
     out[out == -1] = np.nan
     if zero_is_missing:
@@ -123,6 +127,7 @@ def mark_missing(values: np.ndarray, zero_is_missing: bool) -> np.ndarray:
 
 def log2_transform(values: np.ndarray, offset: float = 0.0) -> np.ndarray:
     """log2(x + offset) in place; -inf (a zero with offset 0) becomes NaN: no mean survives it."""
+    import numpy as np
     with np.errstate(divide="ignore", invalid="ignore"):
         np.log2(values + offset if offset else values, out=values)
     values[np.isinf(values)] = np.nan
@@ -131,6 +136,7 @@ def log2_transform(values: np.ndarray, offset: float = 0.0) -> np.ndarray:
 
 def zscore_rows(values: np.ndarray) -> np.ndarray:
     """Each row minus its mean over its non-NaN entries, divided by their standard deviation (ddof 1)."""
+    import numpy as np
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(values, axis=1, keepdims=True)
@@ -141,6 +147,7 @@ def zscore_rows(values: np.ndarray) -> np.ndarray:
 def group_means(values: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The mean skipping NaN of the rows of each key (rows of a key adjacent), and the keys in order.
     A voxel with no value in any of a key's rows stays NaN (as pandas' groupby mean)."""
+    import numpy as np
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     finite = ~np.isnan(values)
     sums = np.add.reduceat(np.where(finite, values, 0.0), starts, axis=0)
@@ -157,6 +164,7 @@ def combine_block(values: np.ndarray, genes: np.ndarray, planes: np.ndarray, rec
     both planes; ``prefer-coronal`` uses its coronal experiments when it has any, else its
     sagittal ones; ``zscore-mean`` z-scores each experiment across the masked voxels first.
     """
+    import numpy as np
     if recipe.group_by == "experiment":
         return values, genes
     if recipe.plane == "both" and recipe.combine == "zscore-mean":
@@ -173,6 +181,7 @@ def combine_block(values: np.ndarray, genes: np.ndarray, planes: np.ndarray, rec
 # --------------------------------------------------------------------------------------------
 
 def missing_fraction(values: np.ndarray) -> np.ndarray:
+    import numpy as np
     return np.isnan(values).sum(axis=1) / values.shape[1]
 
 
@@ -184,6 +193,7 @@ def knn_impute(values: np.ndarray, n_neighbors: int = 5) -> np.ndarray:
     ``pairwise_distances_chunked`` uses, and the chunks run as dask tasks (threads or a
     ``--scheduler`` cluster): every distance is then computed on the same shapes as in one call.
     """
+    import numpy as np
     import dask
     import sklearn
     from sklearn.impute import KNNImputer
@@ -210,6 +220,7 @@ def spatial_impute(values: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Each row's NaN voxels get the mean of that row's nearest voxels with data, in space:
     all data voxels at the smallest Euclidean distance (world mm) from the missing one (ties all
     count; on the 200 µm grid usually its 6 face neighbours). Rows without data stay NaN."""
+    import numpy as np
     from scipy.spatial import cKDTree
 
     out = np.array(values, dtype=np.float64)
@@ -240,6 +251,7 @@ def normalise(values: np.ndarray, method: str) -> np.ndarray:
     ``zscore``, ``srs``: abagen's, for each row (gene) across voxels: z-score with ddof 1; the
     scaled robust sigmoid 1/(1+exp(-(x-median)/(IQR/1.349))), then rescaled to [0, 1].
     NaN entries are skipped by every statistic and stay NaN."""
+    import numpy as np
     if method == "none":
         return values
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -268,6 +280,7 @@ def region_means(values: np.ndarray, voxel_labels: np.ndarray, table: dict[int, 
     """Mean skipping NaN of each region's voxels (columns), regions sorted by name, as MHTS's
     ``build_region_matrix.py`` (pandas groupby on the structure name). Voxels labelled 0 or with
     a label the table does not name belong to no region."""
+    import numpy as np
     names = np.array([table.get(int(v), "") for v in voxel_labels], dtype=object)
     regions = np.array(sorted(set(names.tolist()) - {""}), dtype=object)
     out = np.empty((values.shape[0], regions.size))
@@ -299,6 +312,7 @@ class Matrix:
 
 
 def _catalogue(ds: Any) -> Any:
+    import numpy as np
     import pandas as pd
 
     data = {"experiment_id": np.asarray(ds["experiment"].values, dtype=np.int64)}
@@ -311,6 +325,7 @@ def _catalogue(ds: Any) -> Any:
 def _read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: int | None,
                  digest: Any, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows of this block in ``sel`` order, masked float32 voxels), whole genes per block."""
+    import numpy as np
     n = sel.ids.size
     bounds, start = [], 0
     while start < n:
@@ -381,6 +396,7 @@ def _read_table(path: str, columns: tuple[str, str], what: str) -> Any:
 
 
 def _labels_on_grid(recipe: Recipe, ds: Any) -> np.ndarray:
+    import numpy as np
     from .atlas import cube_geometry, describe, on_grid, read_image, same_grid
 
     data, geometry = read_image(recipe.labels)
@@ -396,6 +412,7 @@ def _labels_on_grid(recipe: Recipe, ds: Any) -> np.ndarray:
 def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progress: bool = True) -> Matrix:
     """Every step of ``recipe`` on the cube in ``out``: the gene (or experiment) × voxel matrix,
     or × region when the recipe names labels."""
+    import numpy as np
     import pandas as pd
 
     from .atlas import compute_on, cube_geometry, cube_location, open_cube, resolve_mask
@@ -499,12 +516,14 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
 
 
 def _genes_of_ids(row_keys: np.ndarray, sel: Selection) -> np.ndarray:
+    import numpy as np
     gene_of = dict(zip(sel.ids.astype(str).tolist(), sel.genes.tolist()))
     return np.array([gene_of[k] for k in row_keys])
 
 
 def _obs(row_keys: np.ndarray, sel: Selection, catalogue: Any, recipe: Recipe) -> Any:
     """Catalogue columns per row: an experiment's own, or per gene its experiments (ids ';'-joined)."""
+    import numpy as np
     import pandas as pd
 
     cat = catalogue.set_index("experiment_id").loc[sel.ids]
@@ -585,6 +604,7 @@ def _frame(m: Matrix) -> Any:
 
 
 def _write_h5ad(m: Matrix, tmp: Path) -> None:
+    import numpy as np
     import anndata
 
     adata = anndata.AnnData(X=m.values, obs=m.obs.copy(), var=m.var.copy())
@@ -598,6 +618,7 @@ def _write_h5ad(m: Matrix, tmp: Path) -> None:
 
 
 def _write_zarr(m: Matrix, tmp: Path) -> None:
+    import numpy as np
     import xarray as xr
 
     row_dim = m.row_label.lower()
@@ -662,6 +683,7 @@ def write_matrix(m: Matrix, to: str) -> Written:
 def write_row_image(m: Matrix, row: str, to: str) -> Written:
     """One row's processed map (a gene or experiment) back on the cube's grid as an image;
     voxels outside the mask are NaN."""
+    import numpy as np
     from .atlas import write_image
     from .methods import methods_text
 
