@@ -2,21 +2,18 @@
 
 The query is the reference notebook's (adult mouse ISH, not failed, one plane,
 same tabular columns), asked as paged JSON in a stable order so pages neither
-overlap nor skip. Parsing and validation are pure; :func:`iter_rows` streams
-rows as pages arrive, so downloads can start after the first page.
+overlap nor skip. Everything here is pure (no network): the pages are fetched by
+:class:`ambasync.source.AllenSource`, which streams rows as pages arrive.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
-import aiohttp
-
-from .config import Config
-from .errors import ExperimentError, TransientError, UpstreamError
-from .fetch import Throttle, get_bytes, with_retries
+from .errors import TransientError, UpstreamError
+from .limits import MAX_BODY_BYTES
 
 CRITERIA = (
     "[failed$eqfalse],plane_of_section[name$eq{plane}],products[abbreviation$eqMouse],"
@@ -32,7 +29,9 @@ COLUMNS = (
     "experiment_id", "section_thickness", "specimen_id", "plane", "gene", "gene_name",
     "chromosome_id", "entrez_id", "genomic_reference_update_id", "homologene_id", "organism_id",
 )
-MAX_PAGE_BYTES = 64 * 1024 * 1024
+MAX_PAGE_BYTES = MAX_BODY_BYTES
+# A short first page starts the downloads sooner: a 1,000-row page is ~250 KB, close to half
+# a second at the 0.4-0.8 MB/s one connection to the Allen API gets.
 FIRST_PAGE_ROWS = 100
 
 
@@ -52,6 +51,16 @@ class InvalidRow:
 
     reason: str
     fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Total:
+    """How many rows a plane's catalogue lists (from its first page)."""
+
+    rows: int
+
+
+Item = Row | InvalidRow | Total
 
 
 @dataclass(frozen=True)
@@ -117,54 +126,18 @@ def validate_row(raw: Any) -> Row | InvalidRow:
     return Row(experiment_id=eid, gene=gene, plane=str(raw.get("plane") or ""), fields=fields)
 
 
-async def iter_rows(
-    session: aiohttp.ClientSession,
-    cfg: Config,
-    plane: str,
-    throttle: Throttle | None = None,
-    on_total: Callable[[int], None] | None = None,
-) -> AsyncIterator[Row | InvalidRow]:
-    """Yield the plane's rows page by page; raises :class:`UpstreamError` if the catalogue
-    cannot be read or changes size mid-run (pages would then skip or repeat rows)."""
-    size = cfg.source.page_size
-    start, total = 0, None
-    while total is None or start < total:
-        # A short first page starts the downloads sooner: a 1,000-row page is ~250 KB, close to half
-        # a second at the 0.4-0.8 MB/s one connection to the Allen API gets.
-        num = min(size, FIRST_PAGE_ROWS) if start == 0 else size
-        url = query_url(cfg.source.base_url, plane, start, num)
-
-        async def fetch_page() -> Page:
-            return parse_page((await get_bytes(session, url, MAX_PAGE_BYTES, throttle)).body, url)
-
-        try:
-            page = await with_retries(fetch_page, cfg.download, f"catalogue page at row {start}")
-        except ExperimentError as exc:
-            raise UpstreamError(f"catalogue unreachable: {exc.reason}") from None
-        if total is not None and page.total_rows != total:
-            raise UpstreamError(
-                f"catalogue changed during the run (total_rows {total} -> {page.total_rows} at row {start}); "
-                "what was fetched is kept: run again to pick up the rest"
-            )
-        if total is None and on_total is not None:
-            on_total(page.total_rows)
-        total = page.total_rows
-        for raw in page.rows:
-            row = validate_row(raw)
-            if isinstance(row, Row) and not row.plane:
-                row = Row(row.experiment_id, row.gene, plane, {**row.fields, "plane": plane})
-            yield row
-        if len(page.rows) < num:
-            break
-        start += num
+def row_in_plane(raw: Any, plane: str) -> Row | InvalidRow:
+    """A validated row of the query for ``plane``; a row without its plane gets it."""
+    row = validate_row(raw)
+    if isinstance(row, Row) and not row.plane:
+        row = Row(row.experiment_id, row.gene, plane, {**row.fields, "plane": plane})
+    return row
 
 
-async def merge_by_id(
-    streams: dict[str, AsyncIterator[Row | InvalidRow]]
-) -> AsyncIterator[tuple[str, Row | InvalidRow]]:
-    """(plane, row) from several planes' streams, each in id order, merged in id order;
-    invalid rows (no usable id) come as soon as they are read."""
-    heads: dict[str, Row | InvalidRow | None] = {plane: await anext(it, None) for plane, it in streams.items()}
+async def merge_by_id(streams: dict[str, AsyncIterator[Item]]) -> AsyncIterator[tuple[str, Item]]:
+    """(plane, item) from several planes' streams, each in id order, merged in id order;
+    totals and invalid rows (no usable id) come as soon as they are read."""
+    heads: dict[str, Item | None] = {plane: await anext(it, None) for plane, it in streams.items()}
     while True:
         live = [(plane, row) for plane, row in heads.items() if row is not None]
         if not live:

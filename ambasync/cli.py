@@ -132,14 +132,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .convert import start_forkserver
 
         start_forkserver()  # its imports overlap ours (below) on another core
-    from .pipeline import RunOptions, run_mirror
+    from .options import RunOptions
+    from .run import run_mirror
 
     setup_logging(cfg.pipeline.log_format, args.verbosity)
     opts = RunOptions(force=args.force, verify=args.verify, prune=args.prune, dry_run=args.dry_run,
                       retry_failed=args.retry_failed, quiet=args.quiet)
     summary = run_mirror(cfg, opts)
     if args.dry_run:
-        from .pipeline import ZIP_SIZE_ESTIMATE
+        from .dryrun import ZIP_SIZE_ESTIMATE
 
         print(f"dry run: {summary.catalogue_rows} catalogue rows; would fetch {summary.would_fetch} experiments "
               f"(about {summary.would_fetch * ZIP_SIZE_ESTIMATE / 1e6:.0f} MB), {summary.skipped} up to date, "

@@ -6,7 +6,8 @@ import asyncio
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG_TEXT, load_config
-from .pipeline import Pipeline, RunOptions, install_uvloop
+from .options import RunOptions
+from .run import Run, install_uvloop
 from .replica import ReplicaConfig, serve
 
 
@@ -16,7 +17,7 @@ def run_demo(out: Path, experiments: int = 36, quiet: bool = False) -> int:
             cfg = load_config(DEFAULT_CONFIG_TEXT, {("source", "base_url"): base_url, ("output", "out"): str(out),
                                      ("source", "plane"): "coronal", ("source", "page_size"): 25,
                                      ("download", "concurrency"): 8}, environ={})
-            summary = await Pipeline(cfg, RunOptions(quiet=quiet)).run()
+            summary = await Run(cfg, RunOptions(quiet=quiet)).run()
         print(summary.text())
         print(f"demo: MINC files in {out}/coronal/, manifest {out}/manifest.csv; try `mincinfo` on one, "
               f"or `python -m ambasync status --out {out}`")

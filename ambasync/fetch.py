@@ -1,7 +1,9 @@
 """HTTP for ambasync: one polite aiohttp session, bounded bodies, classified errors, retries.
 
 Every failure is turned into a :class:`TransientError` (retry with backoff) or a
-:class:`PermanentError` (retrying cannot help), each naming the URL.
+:class:`PermanentError` (retrying cannot help), each naming the URL; :func:`retrying`
+returns what the attempts gave as a value. :class:`ambasync.source.AllenSource` owns the
+session and uses these.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Generic, TypeVar
 
 import aiohttp
 import yarl
@@ -150,22 +152,27 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
     return delay
 
 
-async def with_retries(
-    action: Callable[[], Awaitable[T]],
-    cfg: DownloadConfig,
-    what: str,
-    on_retry: Callable[[ExperimentError, int], None] | None = None,
-) -> T:
-    """Run ``action`` until it succeeds, a permanent error occurs, or attempts run out."""
-    for attempt in range(cfg.attempts):
+@dataclass(frozen=True)
+class Tried(Generic[T]):
+    """What retrying gave: the value, or the error that ended it; and how many attempts it took."""
+
+    value: T | None
+    error: ExperimentError | None
+    attempts: int
+
+
+async def retrying(action: Callable[[], Awaitable[T]], cfg: DownloadConfig, what: str) -> Tried[T]:
+    """Run ``action`` until it succeeds, a permanent error occurs, or ``cfg.attempts`` run out.
+    Errors that stop the run (:class:`RunError`) pass through."""
+    for attempt in range(1, cfg.attempts + 1):
         try:
-            return await action()
+            return Tried(await action(), None, attempt)
         except TransientError as exc:
-            if attempt + 1 >= cfg.attempts:
-                raise TransientError(f"{exc.reason} (gave up after {cfg.attempts} attempts)") from None
-            delay = backoff_delay(attempt, cfg.backoff_base, cfg.backoff_max, exc.retry_after)
-            log.debug("%s: %s; retry %d in %.2fs", what, exc.reason, attempt + 1, delay)
-            if on_retry is not None:
-                on_retry(exc, attempt + 1)
+            if attempt >= cfg.attempts:
+                return Tried(None, TransientError(f"{exc.reason} (gave up after {cfg.attempts} attempts)"), attempt)
+            delay = backoff_delay(attempt - 1, cfg.backoff_base, cfg.backoff_max, exc.retry_after)
+            log.debug("%s: %s; retry %d in %.2fs", what, exc.reason, attempt, delay)
             await asyncio.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+        except ExperimentError as exc:  # permanent: retrying cannot help
+            return Tried(None, exc, attempt)
+    raise ValueError(f"download.attempts must be at least 1, not {cfg.attempts}")

@@ -12,7 +12,12 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
+
+import aiofiles
+
+from .files import atomic_path
 
 log = logging.getLogger("ambasync")
 
@@ -73,12 +78,19 @@ class Progress:
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.total: int | None = None
+        self._totals: dict[str, int] = {}
         self._last_line = time.monotonic()
         self._bar = None
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=None, unit="exp", file=self.stream, dynamic_ncols=True, smoothing=0.1)
+
+    def catalogue_total(self, plane: str, rows: int, limit: int) -> None:
+        """A plane's catalogue size is known: the summary's count, and the bar's total."""
+        self._totals[plane] = rows
+        self.summary.catalogue_rows = sum(self._totals.values())
+        self.set_total(min(limit, self.summary.catalogue_rows) if limit else self.summary.catalogue_rows)
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -109,7 +121,7 @@ class Progress:
                 f"{rate:.2f} experiments/s{eta}")
 
     def tick(self) -> None:
-        """Called every second by the pipeline: a plain line when no bar is shown."""
+        """Called every second by the run: a plain line when no bar is shown."""
         if self._bar is not None or self.quiet:
             return
         now = time.monotonic()
@@ -121,6 +133,14 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+async def write_report(summary: Summary, path: Path) -> None:
+    """The run's summary as JSON, atomically (via aiofiles: the loop never blocks on disk)."""
+    path.parent.mkdir(exist_ok=True)
+    with atomic_path(path) as tmp:
+        async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
+            await fh.write(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
 
 
 class JsonFormatter(logging.Formatter):

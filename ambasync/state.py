@@ -9,6 +9,7 @@ manifest CSV is an export of this database.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sqlite3
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .catalog import COLUMNS
+from .target import Target
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -61,6 +63,15 @@ CREATE TABLE IF NOT EXISTS runs (
 MANIFEST_EXTRA = ("volume", "status", "path", "sha256", "error")
 
 
+class Status(str, enum.Enum):
+    """An experiment's status; the values are what the database and the manifest hold."""
+
+    PENDING = "pending"  # seen, not mirrored yet (or sent back by verify)
+    DONE = "done"  # its files are in place, recorded with their checksums
+    FAILED = "failed"  # the last attempt failed: ``transient`` says whether retrying may help
+    INVALID = "invalid"  # the catalogue row cannot be mirrored (no id, no gene)
+
+
 @dataclass
 class Output:
     volume: str
@@ -74,7 +85,7 @@ class Record:
     experiment_id: int
     gene: str
     plane: str
-    status: str
+    status: Status
     attempts: int
     failed_runs: int
     error: str | None
@@ -82,6 +93,11 @@ class Record:
     settings: str | None
     zip_sha256: str | None
     outputs: list[Output] = field(default_factory=list)
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """Where its files are, sorted as the run's targets are."""
+        return tuple(sorted(Target(o.volume, o.path) for o in self.outputs))
 
 
 class State:
@@ -99,7 +115,7 @@ class State:
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
-        self.db.commit()
+        """Close; what was not committed is rolled back (commit first to keep it)."""
         self.db.close()
 
     def commit(self) -> None:
@@ -124,7 +140,7 @@ class State:
     # experiments ------------------------------------------------------------
     def seen(self, experiment_id: int, gene: str, plane: str, fields: dict[str, Any], run_id: int) -> None:
         """Record a catalogue row (new or updated) as seen by this run. Not committed here:
-        the pipeline commits in batches."""
+        the run commits in batches."""
         now = time.time()
         self.db.execute(
             """INSERT INTO experiments (experiment_id, gene, plane, catalog, first_seen, last_seen_run, updated)
@@ -151,7 +167,7 @@ class State:
             for o in self.db.execute("SELECT * FROM outputs WHERE experiment_id = ? ORDER BY volume", (experiment_id,))
         ]
         return Record(
-            experiment_id=row["experiment_id"], gene=row["gene"], plane=row["plane"], status=row["status"],
+            experiment_id=row["experiment_id"], gene=row["gene"], plane=row["plane"], status=Status(row["status"]),
             attempts=row["attempts"], failed_runs=row["failed_runs"], error=row["error"],
             transient=bool(row["transient"]), settings=row["settings"], zip_sha256=row["zip_sha256"], outputs=outputs,
         )
@@ -228,12 +244,12 @@ class State:
               "WHERE status IN ('failed', 'invalid') ORDER BY experiment_id"
         return self.db.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
 
-    def ids_with_status(self, status: str) -> list[int]:
+    def ids_with_status(self, status: Status) -> list[int]:
         return [r[0] for r in self.db.execute(
-            "SELECT experiment_id FROM experiments WHERE status = ? ORDER BY experiment_id", (status,))]
+            "SELECT experiment_id FROM experiments WHERE status = ? ORDER BY experiment_id", (status.value,))]
 
     def iter_done(self) -> Iterator[Record]:
-        for eid in self.ids_with_status("done"):
+        for eid in self.ids_with_status(Status.DONE):
             rec = self.get(eid)
             if rec is not None:
                 yield rec

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 
 from .config import Config
-from .pipeline import Paths
+from .paths import Paths
 from .state import State
 
 
@@ -38,5 +38,5 @@ def print_status(cfg: Config, failures: int = 20) -> int:
             for f in rows:
                 print(f"  {f['experiment_id']} {f['gene']} [{f['status']}, failed runs {f['failed_runs']}]: {f['error']}")
     finally:
-        state.db.close()
+        state.close()
     return 0

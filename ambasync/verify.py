@@ -14,12 +14,13 @@ from pathlib import Path
 
 from .config import Config
 from .errors import EXIT_FAILED, EXIT_OK
-from .geometry import output_geometry
 from .files import sha256_file
 from .lock import OutputLock
 from .minc import read_volume
-from .pipeline import Paths, RunOptions, run_mirror
-from .state import Output, State
+from .options import RunOptions
+from .paths import Paths
+from .settings import ConvertSettings
+from .state import Output, State, Status
 
 log = logging.getLogger("ambasync")
 
@@ -36,10 +37,8 @@ def check_output(out: Path, o: Output, settings: str | None) -> str | None:
     except Exception as exc:  # libminc cannot read it at all
         return f"{o.path}: unreadable MINC ({type(exc).__name__})"
     if settings:
-        orientation, space, expansion, _ = settings.split("/")
-        a, b, c = geo.sizes
-        grid_shape = (c, a, b) if orientation == "RAS" else (a, b, c)
-        want = output_geometry(grid_shape, orientation, space, float(expansion[1:]))
+        made_by = ConvertSettings.parse(settings)
+        want = made_by.geometry(made_by.grid_shape(geo.sizes))
         got = (geo.dimnames, geo.starts, geo.steps, geo.x_cosines, geo.y_cosines, geo.z_cosines)
         exp = (want.dimnames, want.starts, want.steps, want.x_cosines, want.y_cosines, want.z_cosines)
         if got[0] != exp[0] or not all(
@@ -66,7 +65,7 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
                     broken.append(rec.experiment_id)
                     log.error("experiment %s (%s): %s", rec.experiment_id, rec.gene, "; ".join(problems))
                     state.mark_pending(rec.experiment_id, "verify: " + "; ".join(problems))
-            waiting = [eid for eid in state.ids_with_status("pending") if eid not in broken]
+            waiting = [eid for eid in state.ids_with_status(Status.PENDING) if eid not in broken]
         finally:
             state.close()
     print(f"verify: {checked} files checked, {len(broken)} experiments broken or missing"
@@ -74,6 +73,8 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
     if waiting:
         print(f"verify: {len(waiting)} more experiments are waiting to be fetched again (found broken earlier)")
     if (broken or waiting) and repair:
+        from .run import run_mirror  # only to repair: checking needs no run
+
         fix = replace(cfg, source=replace(cfg.source, experiment_ids=broken + waiting, limit=0))
         summary = run_mirror(fix, RunOptions())
         print(f"verify --repair: {summary.done} experiments fetched again, {summary.failed} failed")

@@ -12,13 +12,16 @@ import time
 from pathlib import Path
 
 from ambasync.convert import ConvertJob, convert, init_worker, start_forkserver
+from ambasync.settings import ConvertSettings
+from ambasync.target import Target
 
 
 def main(zipdir: str, outdir: str) -> None:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [ConvertJob(i, p.read_bytes(), (("energy", str(out / f"{p.stem}.mnc")),), "RAS", "MICe", 1.0, "ushort",
-                       64 << 20) for i, p in enumerate(sorted(Path(zipdir).glob("*")))]
+    settings = ConvertSettings("RAS", "MICe", 1.0, "ushort")  # ambasync's defaults
+    jobs = [ConvertJob(i, p.read_bytes(), str(out), (Target("energy", f"{p.stem}.mnc"),), settings)
+            for i, p in enumerate(sorted(Path(zipdir).glob("*")))]
     workers = os.cpu_count() or 1
     ctx = start_forkserver()  # workers with numpy and libminc already imported, as ambasync's
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker) as pool:

@@ -136,10 +136,11 @@ def mirror_config(base_url: str, out: Path, **settings):
 
 
 async def mirror(base_url: str, out: Path, opts=None, **settings):
-    """Run the real pipeline in this event loop; returns its summary."""
-    from ambasync.pipeline import Pipeline, RunOptions
+    """Run the real mirror in this event loop; returns its summary."""
+    from ambasync.options import RunOptions
+    from ambasync.run import mirror_async
 
-    return await Pipeline(mirror_config(base_url, out, **settings), opts or RunOptions(quiet=True)).run()
+    return await mirror_async(mirror_config(base_url, out, **settings), opts or RunOptions(quiet=True))
 
 
 def manifest(out: Path):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from ambasync.convert import ConvertJob, convert
+from ambasync.settings import ConvertSettings
+from ambasync.target import Target
 from conftest import (
     GRIDS, NOTEBOOK_DIMS, NOTEBOOK_SIZES, NOTEBOOK_STARTS, NOTEBOOK_STEPS, REAL_ZIPS, REFERENCE, dice,
     mincinfo, notebook_ras, quantisation_step, raw_from_zip, read_minc, require_reference, resample_like,
@@ -18,7 +20,8 @@ from conftest import (
 def run_convert(body: bytes, out: Path, volume: str = "energy", dtype: str = "ushort",
                 orientation: str = "RAS", space: str = "MICe", expansion: float = 1.0) -> Path:
     target = out / f"{volume}_{dtype}_{orientation}_{space}.mnc"
-    result = convert(ConvertJob(1, body, ((volume, str(target)),), orientation, space, expansion, dtype, 64 << 20))
+    result = convert(ConvertJob(1, body, str(out), (Target(volume, target.name),),
+                                ConvertSettings(orientation, space, expansion, dtype), 64 << 20))
     assert result.outputs[0][1].path == str(target)
     return target
 
@@ -105,15 +108,15 @@ async def test_the_conversion_pool_is_replaced_by_fresh_processes_and_never_left
     were left with no worker (Python 3.11's max_tasks_per_child can do that) the run would hang."""
     import asyncio
 
-    from ambasync.convert import ConversionPool
+    from ambasync.pool import ConversionPool
     from ambasync.replica import Replica, ReplicaConfig
 
     rep = Replica(ReplicaConfig(n_coronal=12, n_sagittal=0, real_dir="/nonexistent"))
     pool = ConversionPool(workers=2, recycle=3)
 
     async def one(eid: int):
-        job = ConvertJob(eid, rep.zip_for(eid), (("energy", str(tmp_path / f"{eid}.mnc")),), "RAS", "MICe", 1.0,
-                         "float", 64 << 20)
+        job = ConvertJob(eid, rep.zip_for(eid), str(tmp_path), (Target("energy", f"{eid}.mnc"),),
+                         ConvertSettings("RAS", "MICe", 1.0, "float"), 64 << 20)
         return await asyncio.wait_for(await pool.submit(job), 120)
 
     try:

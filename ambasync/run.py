@@ -1,0 +1,260 @@
+"""The mirror run: catalogue producer -> bounded queue -> one task per experiment -> process pool.
+
+:class:`Run` owns the lifecycle and nothing else: the lock and the sweep of temporary
+files, the signals, the conversion pool, the :class:`AllenSource`, the :class:`Recorder`.
+Downloads are at most ``concurrency`` at once (the session's connection limit); a
+downloaded zip waits for a conversion slot without holding up the next download. Memory
+is bounded by the queue and the slots, never by the catalogue. Every outcome is recorded
+as it happens, so a run can be stopped at any moment and the next one picks up where it
+left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sqlite3
+import time
+
+from .catalog import InvalidRow, Row, Total
+from .config import Config
+from .decide import Action, Policy, judge
+from .errors import EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, UpstreamError, disk_full
+from .files import sweep_tmp
+from .lock import OutputLock
+from .manifest import write_manifest
+from .mirror import mirror_one, unexpected
+from .options import RunOptions
+from .outcome import Job
+from .outputs import Outputs
+from .paths import Paths
+from .pool import ConversionPool, Converter
+from .recorder import Recorder
+from .report import Progress, Summary, write_report
+from .select import Selection, selected
+from .settings import ConvertSettings
+from .source import AllenSource
+from .state import State
+
+log = logging.getLogger("ambasync")
+
+# Conversions per worker before the pool is replaced by fresh processes (see ConversionPool).
+WORKER_TASKS = 500
+
+
+class Stop:
+    """Why the run stops early: the first reason wins, but a signal overrides it."""
+
+    def __init__(self, summary: Summary):
+        self._summary = summary
+        self.code: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.code is not None
+
+    def request(self, code: int, reason: str) -> None:
+        if self.code is None or code in (EXIT_SIGINT, EXIT_SIGTERM):
+            self.code = code
+            self._summary.error = reason
+        log.error("stopping: %s", reason)
+
+
+class Run:
+    def __init__(self, cfg: Config, opts: RunOptions | None = None):
+        self.cfg = cfg
+        self.opts = opts or RunOptions()
+        self.paths = Paths.for_config(cfg)
+        self.summary = Summary()
+        self.progress = Progress(self.summary, cfg.pipeline.progress_interval, self.opts.quiet)
+        self.stop = Stop(self.summary)
+        self.settings = ConvertSettings.from_config(cfg)
+        self.outputs = Outputs.for_config(cfg, self.paths)
+        self.selection = Selection.for_config(cfg)
+        self.policy = Policy.for_run(cfg, self.opts, self.paths)
+        self.catalogue_complete = False
+        self.interrupted = False  # SIGINT/SIGTERM: stop now
+        self._tasks: list[asyncio.Task] = []  # producer and dispatcher
+        self._jobs: set[asyncio.Task] = set()  # one per experiment in flight
+        self.report_path = self.paths.report(self.summary.started)
+
+    async def run(self) -> Summary:
+        out = self.paths.out
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with OutputLock(self.paths.lock) as lock:
+                roots = [out] + ([] if self.paths.zips.is_relative_to(out) else [self.paths.zips])
+                swept = lock.if_alone(lambda: sum(sweep_tmp(d) for d in roots if d.is_dir()))
+                if swept:
+                    log.info("removed %d temporary files left by an interrupted run", swept)
+                elif swept is None:
+                    log.info("another run (shard) uses %s: its temporary files are left alone", out)
+                state = State(self.paths.state)
+                run_id = state.start_run()
+                recorder = Recorder(state, run_id, self.settings.key(), out, self.summary, self.progress, self.outputs)
+                source = AllenSource.for_config(self.cfg)
+                try:
+                    await self._mirror(source, recorder)
+                finally:
+                    await self._finish(source, recorder)
+                try:
+                    await write_report(self.summary, self.report_path)
+                except OSError as exc:
+                    log.error("could not write the run report: %s", exc)
+        finally:
+            self.progress.close()
+        return self.summary
+
+    async def _mirror(self, source: AllenSource, recorder: Recorder) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        pool = ConversionPool(cfg.workers, WORKER_TASKS * cfg.workers, os.getpid())
+        pool.start()  # while the first catalogue page is on its way, not on the first grid
+        in_flight = cfg.pipeline.conversions_in_flight or 2 * cfg.workers
+        converter = Converter(pool, self.paths.out, self.settings, in_flight, cfg.convert.max_raw_bytes,
+                              self.paths.zips if cfg.output.keep_zips else None)
+        queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
+        ticker = asyncio.create_task(self._ticker())
+        try:
+            async with source:
+                self._tasks = [asyncio.create_task(self._produce(source, recorder, queue)),
+                               asyncio.create_task(self._dispatch(queue, source, converter, recorder,
+                                                                  cfg.download.concurrency + in_flight))]
+                try:
+                    await self._tasks[0]
+                    await queue.put(None)
+                    await self._tasks[1]
+                except asyncio.CancelledError:
+                    if not self.stop.requested:
+                        raise
+                    await asyncio.gather(*self._tasks, *self._jobs, return_exceptions=True)
+        finally:
+            ticker.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            # Conversions already running finish (milliseconds); queued ones are dropped.
+            await pool.shutdown()
+
+    async def _produce(self, source: AllenSource, recorder: Recorder, queue: asyncio.Queue[Job | None]) -> None:
+        settings = self.settings.key()
+        try:
+            async with contextlib.aclosing(selected(source.catalogue(self.cfg.planes), self.selection)) as items:
+                async for plane, item in items:
+                    if self.stop.requested:
+                        return
+                    if isinstance(item, Total):
+                        self.progress.catalogue_total(plane, item.rows, self.selection.limit)
+                    elif isinstance(item, InvalidRow):
+                        recorder.invalid(item, plane)
+                    elif isinstance(item, Row):
+                        recorder.seen(item, plane)
+                        record = recorder.state.get(item.experiment_id)
+                        targets = self.outputs.targets(item, plane)
+                        verdict = await judge(record, targets, settings, self.policy)
+                        if verdict.action in (Action.SKIP, Action.QUARANTINE):
+                            self.progress.count(verdict.action.value)
+                        else:
+                            await queue.put(Job(item, targets, record, verdict.cached_zip))
+            self.catalogue_complete = self.selection.complete()
+        except UpstreamError as exc:
+            self.stop.request(exc.exit_code, str(exc))
+        finally:
+            recorder.state.commit()
+
+    async def _dispatch(self, queue: asyncio.Queue[Job | None], source: AllenSource, converter: Converter,
+                        recorder: Recorder, slots: int) -> None:
+        """One task per job, at most ``slots`` at once: a job whose zip is downloaded waits for a
+        conversion slot without holding up the next download (the connector caps connections)."""
+        free = asyncio.Semaphore(slots)
+        while not self.interrupted:  # interrupted: tasks were cancelled; nobody feeds the queue any more
+            job = await queue.get()
+            if job is None:
+                break
+            if self.stop.requested:
+                continue  # stopping: drain without working, so the producer never blocks
+            await free.acquire()
+            task = asyncio.create_task(self._one(job, source, converter, recorder))
+            self._jobs.add(task)
+            task.add_done_callback(lambda t: self._job_finished(t, free))
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+
+    async def _one(self, job: Job, source: AllenSource, converter: Converter, recorder: Recorder) -> None:
+        outcome = await mirror_one(self.outputs.before_submit(job), source, converter)
+        error = recorder.apply(outcome)
+        if error is not None:
+            self.stop.request(error.exit_code, str(error))
+
+    def _job_finished(self, task: asyncio.Task, free: asyncio.Semaphore) -> None:
+        self._jobs.discard(task)
+        free.release()
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # an output format's hook failed: a bug
+            error = unexpected(exc)
+            self.stop.request(error.exit_code, str(error))
+
+    def _on_signal(self, signum: int) -> None:
+        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        self.stop.request(code, f"interrupted by {signal.Signals(signum).name}")
+        self.interrupted = True
+        for task in [*self._tasks, *self._jobs]:
+            task.cancel()
+
+    async def _ticker(self) -> None:
+        period = min(1.0, self.cfg.pipeline.progress_interval / 2)
+        while True:
+            await asyncio.sleep(period)
+            self.progress.tick()
+
+    async def _finish(self, source: AllenSource, recorder: Recorder) -> None:
+        s, state = self.summary, recorder.state
+        complete = self.catalogue_complete and not self.stop.requested and not self.selection.filtered
+        s.requests, s.bytes_downloaded = source.grid_requests, source.bytes_downloaded
+        s.finished = time.time()
+        s.exit_code = self.stop.code if self.stop.code is not None else (EXIT_FAILED if s.failed else EXIT_OK)
+        try:
+            if complete:
+                recorder.vanished(self.cfg.planes, self.opts.prune)
+            self.outputs.at_end(state, complete)
+            state.commit()
+            await write_manifest(state, self.paths.manifest)
+            state.finish_run(recorder.run_id, s.exit_code, {k: v for k, v in s.to_dict().items() if k != "failures"})
+        except (OSError, sqlite3.Error) as exc:  # the state itself stays consistent: it is transactional
+            log.error("could not write the manifest or close the run record: %s", exc)
+            if disk_full(exc):
+                s.exit_code = EXIT_DISK_FULL
+            elif s.exit_code == EXIT_OK:
+                s.exit_code = EXIT_FAILED
+        finally:
+            state.close()
+
+
+async def mirror_async(cfg: Config, opts: RunOptions | None = None) -> Summary:
+    """One mirror pass (or a dry run) in the running event loop; returns its summary."""
+    opts = opts or RunOptions()
+    if opts.dry_run:
+        from .dryrun import dry_run
+
+        return await dry_run(cfg, opts)
+    return await Run(cfg, opts).run()
+
+
+def install_uvloop(enabled: bool) -> bool:
+    if not enabled:
+        return False
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run_mirror(cfg: Config, opts: RunOptions | None = None) -> Summary:
+    """Run one mirror pass to completion (or until stopped) and return its summary."""
+    install_uvloop(cfg.pipeline.uvloop)
+    return asyncio.run(mirror_async(cfg, opts))

@@ -1,0 +1,45 @@
+"""Output writers, run in the conversion worker: one decoded, reoriented volume in, one output out.
+
+The worker decodes each volume of a zip once, reorients it once, computes its geometry
+once, then hands the same array to the writer of every target (see
+:func:`ambasync.convert.convert`). A new output format adds a writer here (registered in
+:data:`WRITERS` under the name used in ``[output] formats`` and in :attr:`Target.format`)
+and its main-process side in :mod:`ambasync.outputs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from .geometry import Geometry
+from .minc import Written, write_volume
+from .settings import ConvertSettings
+from .target import Target
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class OutputWriter(Protocol):
+    """Writes one target from the volume's voxels (float32, reoriented, shape == geometry.sizes).
+
+    Must write atomically (:func:`ambasync.files.atomic_path`) and return what was written;
+    the checksum and size go to the state."""
+
+    def write(self, data: np.ndarray, geometry: Geometry, target: Target, out: Path) -> Written: ...
+
+
+@dataclass(frozen=True)
+class MincWriter:
+    """``{out}/{target.path}``, a MINC2 file stored as ``settings.dtype``."""
+
+    settings: ConvertSettings
+
+    def write(self, data: np.ndarray, geometry: Geometry, target: Target, out: Path) -> Written:
+        return write_volume(data, geometry, out / target.path, self.settings.dtype)
+
+
+# Format name -> how the worker makes its writer from the run's settings.
+WRITERS: dict[str, Callable[[ConvertSettings], OutputWriter]] = {"minc": MincWriter}
