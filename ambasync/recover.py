@@ -80,7 +80,8 @@ def _expected_columns() -> dict[str, list[str]]:
 
 
 def _columns(db: sqlite3.Connection) -> dict[str, list[str]]:
-    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    tables = [r[0] for r in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
     return {t: [c[1] for c in db.execute(f'PRAGMA table_info("{t}")')] for t in tables}
 
 
@@ -358,6 +359,17 @@ def rebuild_state(state_path: str | os.PathLike, manifest_path: str | os.PathLik
         missing=tuple(missing), failed=failed, invalid=invalid, unusable_rows=unusable, untracked=tuple(untracked),
         seconds=time.monotonic() - started, reasons=reasons,
     )
+
+
+def refuse_damaged(state_path: str | os.PathLike, manifest_path: str | os.PathLike) -> StateCheck:
+    """For ``status`` and ``verify``, which read or check the state but do not rebuild it (a rebuild
+    checks every file: a run's job): a damaged state stops them with one line (ConfigError, exit 2)
+    saying what the next run does about it. Returns the check otherwise."""
+    check = check_state(state_path)
+    if check.health is Health.DAMAGED:
+        raise ConfigError(f"{check.text()}; the next `ambasync run` sets it aside and rebuilds it from "
+                          f"{Path(manifest_path).name} and the files on disk")
+    return check
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,19 @@ mirror downloaded again, or a file trusted that is not the one the manifest reco
 import hashlib
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from ambasync.recover import Health, check_state, rebuild_state, recover_state, set_aside
+from ambasync.errors import ConfigError
+from ambasync.recover import (
+    Health, check_state, rebuild_state, recover_state, refuse_damaged, set_aside,
+)
 from ambasync.replica import ReplicaConfig, serve
 from ambasync.state import Output, State
-from conftest import mirror, mirror_config
+from conftest import ambasync_cmd, mirror, mirror_config
 
 SETTINGS = "RAS/MICe/x1/ushort"  # the shipped defaults' settings key
 
@@ -208,3 +212,39 @@ def test_manifest_rows_pointing_outside_the_mirror_are_not_trusted(tmp_path):
     rebuilt = rebuild_state(out / ".ambasync" / "state.sqlite", out / "manifest.csv", out, SETTINGS)
     assert rebuilt.unusable_rows == 3 and rebuilt.trusted == () and rebuilt.experiments == 0
     assert outside.read_bytes() == b"precious"
+
+
+def test_status_and_verify_get_one_line_about_a_damaged_state_and_what_the_next_run_does(tmp_path):
+    state = tmp_path / "state.sqlite"
+    assert refuse_damaged(state, tmp_path / "manifest.csv").health is Health.MISSING
+    small_state(state)
+    assert refuse_damaged(state, tmp_path / "manifest.csv").health is Health.INTACT
+    state.write_bytes(b"SQLite format 3\x00" + os.urandom(4000))
+    with pytest.raises(ConfigError) as exc:
+        refuse_damaged(state, tmp_path / "manifest-shard0of2.csv")
+    message = str(exc.value)
+    assert "\n" not in message and f"state {state} is damaged" in message
+    assert "rebuilds it from manifest-shard0of2.csv" in message
+
+
+WIRING = pytest.mark.xfail(strict=True, reason="needs cli.py/run to call ambasync.recover (the lead wires it; then "
+                                               "remove this marker)")
+
+
+@WIRING
+def test_every_command_survives_a_damaged_state_without_a_traceback(tmp_path):
+    """Today run, status and verify crash with exit 1 and a traceback."""
+    meta = tmp_path / ".ambasync"
+    meta.mkdir()
+    (meta / "state.sqlite").write_bytes(os.urandom(8192))
+    for command, code in (("status", 2), ("verify", 2)):
+        proc = subprocess.run(ambasync_cmd(command, "--out", str(tmp_path)), capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "is damaged" in proc.stderr
+    proc = subprocess.run(ambasync_cmd("run", "--out", str(tmp_path), "--base-url", "http://127.0.0.1:9"),
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "AMBASYNC_DOWNLOAD_ATTEMPTS": "1"})
+    assert "Traceback" not in proc.stderr and proc.returncode == 4, proc.stderr  # got as far as the catalogue
+    assert len(list(meta.glob("state.sqlite.damaged-*"))) == 1
+    assert check_state(meta / "state.sqlite").health is Health.INTACT
