@@ -16,7 +16,7 @@ from .config import Config
 from .files import sha256_file
 from .options import RunOptions
 from .paths import Paths, cached_zip_path
-from .state import Record, Status
+from .record import Record, Status
 from .target import Target
 
 

@@ -14,7 +14,7 @@ from .fetch import retrying
 from .outcome import Done, Failed, Fatal, Job, Outcome
 from .pool import Converter
 from .source import AllenSource, Download
-from .state import Output
+from .record import Output
 
 log = logging.getLogger("ambasync")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .catalog import Row
 from .errors import RunError
-from .state import Output, Record
+from .record import Output, Record
 from .target import Target
 
 

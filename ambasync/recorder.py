@@ -17,7 +17,8 @@ from .mirror import unexpected
 from .outcome import Done, Failed, Fatal, Outcome
 from .outputs import Outputs
 from .report import Progress, Summary
-from .state import State, Status
+from .record import Status
+from .state import State
 
 log = logging.getLogger("ambasync")
 

@@ -7,6 +7,7 @@ On a terminal a tqdm bar; elsewhere (cron, Docker logs) a plain line every
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -128,6 +129,12 @@ class Progress:
         if now - self._last_line >= self.interval:
             self._last_line = now
             log.info(self.line())
+
+    async def ticking(self) -> None:
+        """Tick every second (more often for short intervals) until cancelled."""
+        while True:
+            await asyncio.sleep(min(1.0, self.interval / 2))
+            self.tick()
 
     def close(self) -> None:
         if self._bar is not None:

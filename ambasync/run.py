@@ -38,29 +38,12 @@ from .select import Selection, selected
 from .settings import ConvertSettings
 from .source import AllenSource
 from .state import State
+from .stop import Stop
 
 log = logging.getLogger("ambasync")
 
 # Conversions per worker before the pool is replaced by fresh processes (see ConversionPool).
 WORKER_TASKS = 500
-
-
-class Stop:
-    """Why the run stops early: the first reason wins, but a signal overrides it."""
-
-    def __init__(self, summary: Summary):
-        self._summary = summary
-        self.code: int | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.code is not None
-
-    def request(self, code: int, reason: str) -> None:
-        if self.code is None or code in (EXIT_SIGINT, EXIT_SIGTERM):
-            self.code = code
-            self._summary.error = reason
-        log.error("stopping: %s", reason)
 
 
 class Run:
@@ -119,7 +102,7 @@ class Run:
         converter = Converter(pool, self.paths.out, self.settings, in_flight, cfg.convert.max_raw_bytes,
                               self.paths.zips if cfg.output.keep_zips else None)
         queue: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=cfg.pipeline.queue_size)
-        ticker = asyncio.create_task(self._ticker())
+        ticker = asyncio.create_task(self.progress.ticking())
         try:
             async with source:
                 self._tasks = [asyncio.create_task(self._produce(source, recorder, queue)),
@@ -204,18 +187,14 @@ class Run:
         for task in [*self._tasks, *self._jobs]:
             task.cancel()
 
-    async def _ticker(self) -> None:
-        period = min(1.0, self.cfg.pipeline.progress_interval / 2)
-        while True:
-            await asyncio.sleep(period)
-            self.progress.tick()
-
     async def _finish(self, source: AllenSource, recorder: Recorder) -> None:
         s, state = self.summary, recorder.state
         complete = self.catalogue_complete and not self.stop.requested and not self.selection.filtered
         s.requests, s.bytes_downloaded = source.grid_requests, source.bytes_downloaded
         s.finished = time.time()
-        s.exit_code = self.stop.code if self.stop.code is not None else (EXIT_FAILED if s.failed else EXIT_OK)
+        s.exit_code = EXIT_FAILED if s.failed else EXIT_OK
+        if self.stop.code is not None:
+            s.exit_code = self.stop.code
         try:
             if complete:
                 recorder.vanished(self.cfg.planes, self.opts.prune)

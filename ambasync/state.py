@@ -9,17 +9,15 @@ manifest CSV is an export of this database.
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .catalog import COLUMNS
-from .target import Target
+from .record import Output, Record, Status  # the state's values, importable from here too
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
@@ -61,43 +59,6 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 MANIFEST_EXTRA = ("volume", "status", "path", "sha256", "error")
-
-
-class Status(str, enum.Enum):
-    """An experiment's status; the values are what the database and the manifest hold."""
-
-    PENDING = "pending"  # seen, not mirrored yet (or sent back by verify)
-    DONE = "done"  # its files are in place, recorded with their checksums
-    FAILED = "failed"  # the last attempt failed: ``transient`` says whether retrying may help
-    INVALID = "invalid"  # the catalogue row cannot be mirrored (no id, no gene)
-
-
-@dataclass
-class Output:
-    volume: str
-    path: str  # relative to the output folder
-    sha256: str
-    size: int
-
-
-@dataclass
-class Record:
-    experiment_id: int
-    gene: str
-    plane: str
-    status: Status
-    attempts: int
-    failed_runs: int
-    error: str | None
-    transient: bool
-    settings: str | None
-    zip_sha256: str | None
-    outputs: list[Output] = field(default_factory=list)
-
-    @property
-    def targets(self) -> tuple[Target, ...]:
-        """Where its files are, sorted as the run's targets are."""
-        return tuple(sorted(Target(o.volume, o.path) for o in self.outputs))
 
 
 class State:

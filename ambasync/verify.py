@@ -20,7 +20,8 @@ from .minc import read_volume
 from .options import RunOptions
 from .paths import Paths
 from .settings import ConvertSettings
-from .state import Output, State, Status
+from .record import Output, Status
+from .state import State
 
 log = logging.getLogger("ambasync")
 

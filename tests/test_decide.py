@@ -9,7 +9,7 @@ from ambasync.catalog import Row
 from ambasync.decide import Action, Policy, Verdict, decide
 from ambasync.select import Selection, Take
 from ambasync.settings import ConvertSettings
-from ambasync.state import Output, Record, Status
+from ambasync.record import Output, Record, Status
 from ambasync.target import Target
 
 SETTINGS = "RAS/MICe/x1/ushort"

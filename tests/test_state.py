@@ -5,7 +5,8 @@ import sqlite3
 
 import pytest
 
-from ambasync.state import Output, State, Status
+from ambasync.record import Output, Status
+from ambasync.state import State
 
 CATALOG = {"experiment_id": 1, "gene": "Avp"}
 
