@@ -40,6 +40,7 @@ class Result:
     peak_rss_mb: float
     cpu_s: float
     first_file_s: float | None = None
+    first_request_s: float | None = None  # start to the replica's first grid request
     note: str = ""
 
 
@@ -78,9 +79,13 @@ def _rss_kb(pid: int) -> int:
 
 
 def measure(method: str, cmd: list[str], experiments: int, watch: Path | None = None, note: str = "",
-            timed_by_child: bool = False) -> Result:
+            timed_by_child: bool = False, server: ReplicaProcess | None = None) -> Result:
     """Run ``cmd`` to completion, sampling its process tree's memory and CPU time
-    (per process, from /proc: pool workers are not reaped by the measured process)."""
+    (per process, from /proc: pool workers are not reaped by the measured process); with
+    ``server``, also the time from the start to its first grid request."""
+    if server is not None:
+        server.reset()
+    started_at = time.time()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, first = 0, None
@@ -109,8 +114,10 @@ def measure(method: str, cmd: list[str], experiments: int, watch: Path | None = 
     if timed_by_child:  # the floor times only its conversions
         wall = float(out.split()[0])
     cpu = sum(ticks.values()) / os.sysconf("SC_CLK_TCK")
+    first_request = server.stats()["first_grid_request"] if server is not None else None
     return Result(method, experiments, round(wall, 3), round(experiments / wall, 2), round(peak / 1024, 1),
-                  round(cpu, 2), None if first is None else round(first, 3), note)
+                  round(cpu, 2), None if first is None else round(first, 3),
+                  None if first_request is None else round(first_request - started_at, 3), note)
 
 
 def ambasync_cmd(url: str, out: Path, n: int, concurrency: int, *extra: str) -> list[str]:
@@ -142,8 +149,14 @@ def scenario_compare(args: argparse.Namespace, work: Path) -> dict:
                                "-d", str(work / "aria2c"), "-i", str(urls)],
                     n, note=f"-j{args.concurrency}, download only, no conversion"))
         if "ambasync" in args.methods:
+            if args.scenario == "loopback":  # a short run too: the marginal rate is the slope between them
+                small = max(50, n // 8)
+                results.append(measure("ambasync (short)", ambasync_cmd(server.url, work / "short", small,
+                                                                       args.concurrency), small, work / "short",
+                                       note="for the marginal rate", server=server))
             results.append(measure("ambasync", ambasync_cmd(server.url, work / "ambasync", n, args.concurrency),
-                                   n, work / "ambasync", note=f"concurrency {args.concurrency}, workers = CPUs"))
+                                   n, work / "ambasync", note=f"concurrency {args.concurrency}, workers = CPUs",
+                                   server=server))
     finally:
         server.close()
     if "floor" in args.methods:
@@ -160,6 +173,13 @@ def scenario_compare(args: argparse.Namespace, work: Path) -> dict:
         for other in ("notebook", "aria2c", "cpu floor"):
             if other in by:
                 ratios[f"ambasync / {other} (experiments/s)"] = round(by["ambasync"].per_s / by[other].per_s, 2)
+    if "ambasync (short)" in by:
+        short, full = by["ambasync (short)"], by["ambasync"]
+        marginal = (full.experiments - short.experiments) / (full.wall_s - short.wall_s)
+        ratios["ambasync marginal (experiments/s)"] = round(marginal, 1)
+        ratios["ambasync fixed cost (s)"] = round(short.wall_s - short.experiments / marginal, 2)
+        if "cpu floor" in by:
+            ratios["ambasync marginal / cpu floor"] = round(marginal / by["cpu floor"].per_s, 2)
     return {"scenario": args.scenario, "settings": {"experiments": n, "latency_ms": args.latency_ms,
             "bandwidth_kbps": args.bandwidth_kbps, "concurrency": args.concurrency, "cpus": os.cpu_count()},
             "results": [asdict(r) for r in results], "ratios": ratios}
@@ -199,11 +219,13 @@ def scenario_atlas(args: argparse.Namespace, work: Path) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"\nscenario: {report['scenario']}  {report.get('settings', '')}")
-    print(f"{'method':<22} {'exps':>6} {'wall s':>9} {'exps/s':>9} {'peak RSS MB':>12} {'CPU s':>8} {'1st file s':>10}  note")
+    print(f"{'method':<22} {'exps':>6} {'wall s':>9} {'exps/s':>9} {'peak RSS MB':>12} {'CPU s':>8} {'1st req s':>9} "
+          f"{'1st file s':>10}  note")
     for r in report["results"]:
         first = "-" if r["first_file_s"] is None else f"{r['first_file_s']:.2f}"
+        request = "-" if r.get("first_request_s") is None else f"{r['first_request_s']:.2f}"
         print(f"{r['method']:<22} {r['experiments']:>6} {r['wall_s']:>9.2f} {r['per_s']:>9.2f} {r['peak_rss_mb']:>12.1f} "
-              f"{r['cpu_s']:>8.2f} {first:>10}  {r['note']}")
+              f"{r['cpu_s']:>8.2f} {request:>9} {first:>10}  {r['note']}")
     for k, v in report["ratios"].items():
         print(f"  {k}: {v}")
 

@@ -25,6 +25,10 @@ class ReplicaProcess:
         with urllib.request.urlopen(f"{self.url}/replica/stats", timeout=30) as resp:
             return json.load(resp)
 
+    def reset(self) -> None:
+        """Counters back to zero (before measuring the next client)."""
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/replica/reset", method="POST"), timeout=30).close()
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)

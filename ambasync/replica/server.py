@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import signal
+import time
 import urllib.parse
 from typing import Any, AsyncIterator
 
@@ -139,6 +140,8 @@ class Replica:
         stats, c = self.stats, self.config
         n = stats.grid_requests[eid]
         stats.grid_requests[eid] += 1
+        if stats.first_grid_request is None:
+            stats.first_grid_request = time.time()
         stats.events.append(("grid", eid))
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
@@ -182,11 +185,17 @@ class Replica:
     async def handle_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.as_json())
 
+    async def handle_reset(self, request: web.Request) -> web.Response:
+        """Counters back to zero, so one served replica can measure several clients in turn."""
+        self.stats = ReplicaStats()
+        return web.json_response(self.stats.as_json())
+
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(r"/api/v2/data/SectionDataSet/query.{fmt:(json|csv)}", self.handle_query)
         app.router.add_get(r"/grid_data/download/{eid}", self.handle_grid)
         app.router.add_get("/replica/stats", self.handle_stats)
+        app.router.add_post("/replica/reset", self.handle_reset)
         return app
 
 

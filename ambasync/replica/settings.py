@@ -43,6 +43,7 @@ class ReplicaStats:
     in_flight: int = 0
     max_in_flight: int = 0
     events: list[tuple[str, int]] = field(default_factory=list)  # ("catalog", start_row) / ("grid", id), in order
+    first_grid_request: float | None = None  # epoch seconds: benchmarks time a client's start from it
 
     def as_json(self) -> dict[str, Any]:
         doc = {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in vars(self).items()}
