@@ -475,6 +475,9 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
 
         t1 = time.monotonic()
         coords = (affine(geometry) @ np.vstack([np.argwhere(mask).T, np.ones(n_vox)]))[:3].T
+        if recipe.impute != "none":
+            log.info("imputing %d NaN cells of %d rows x %d voxels (%s)", int(np.isnan(values).sum()),
+                     values.shape[0], n_vox, recipe.impute)
         if recipe.impute == "knn":
             values = knn_impute(values, recipe.knn_neighbors)
         elif recipe.impute == "spatial":
@@ -797,8 +800,6 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     output_kind(args.to, args.volume)
     out = args.out or _default_out()
     progress = not getattr(args, "quiet", False)
-    if progress:
-        logging.getLogger("ambasync").setLevel(min(logging.getLogger("ambasync").getEffectiveLevel(), logging.INFO))
     m = build_matrix(out, recipe, scheduler=args.scheduler, progress=progress)
     written = write_row_image(m, args.volume, args.to) if args.volume else write_matrix(m, args.to)
     if progress:

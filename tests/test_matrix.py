@@ -478,8 +478,27 @@ def test_volume_writes_one_gene_map_back_on_the_grid(tmp_path, cube, box):
     assert run(*common, "--volume", "Nrp1", "--to", tmp_path / "nrp1.mnc")[0] == 0
     data, geo = read_minc(tmp_path / "nrp1.mnc")
     assert geo["dimnames"] == ("zspace", "yspace", "xspace") and geo["sizes"] == (41, 67, 58)
-    np.testing.assert_allclose(data[mask], read_csv(tmp_path / "m.csv").loc["Nrp1"].to_numpy(), atol=1e-6)
+    row = read_csv(tmp_path / "m.csv").loc["Nrp1"].to_numpy()
+    np.testing.assert_allclose(data[mask], row, atol=1e-6)
     assert np.isnan(data[~mask]).all()
+
+
+def test_volume_as_nifti_keeps_every_voxel_at_its_world_position(tmp_path, cube, box):
+    """--volume GENE --to .nii.gz: read with nibabel, each masked voxel's value sits at the
+    world position (x, y, z mm) of that voxel on the mirror's grid."""
+    import nibabel
+
+    path, mask = box
+    common = ["--out", cube, "--mask", path, "--max-missing", "0.5"]
+    assert run(*common, "--to", tmp_path / "m.csv")[0] == 0
+    assert run(*common, "--volume", "Pdyn", "--to", tmp_path / "pdyn.nii.gz")[0] == 0
+    img = nibabel.load(tmp_path / "pdyn.nii.gz")
+    ijk = np.argwhere(mask)  # (zspace, yspace, xspace) indices
+    world = np.c_[-5.7 + 0.2 * ijk[:, 2], -7.9 + 0.2 * ijk[:, 1], -2.7 + 0.2 * ijk[:, 0], np.ones(len(ijk))]
+    vox = np.rint(np.linalg.inv(img.affine) @ world.T)[:3].astype(int)
+    values = np.asarray(img.dataobj)[tuple(vox)]
+    np.testing.assert_allclose(values, read_csv(tmp_path / "m.csv").loc["Pdyn"].to_numpy(), atol=1e-6)
+    assert np.isnan(np.asarray(img.dataobj)).sum() == np.prod(img.shape) - len(ijk)
 
 
 # ---------------------------------------------------------------------------------------------
