@@ -18,6 +18,7 @@ from .errors import EXIT_OK, EXIT_USAGE, RunError, exit_codes_text
 from .geometry import ORIENTATIONS, SPACES
 from .minc import DTYPES
 from .matrix import add_parser as add_matrix_parser, cmd_matrix
+from .search import add_parser as add_search_parser, cmd_search
 from .report import setup_logging
 
 EXIT_CODES = exit_codes_text()
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("path", nargs="?", default="config.toml", help="where to write it (default ./config.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     add_matrix_parser(sub)
+    add_search_parser(sub)
     return parser
 
 
@@ -189,7 +191,8 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "replica": cmd_replica,
-            "demo": cmd_demo, "init-config": cmd_init_config, "matrix": cmd_matrix}
+            "demo": cmd_demo, "init-config": cmd_init_config, "matrix": cmd_matrix,
+            "search": cmd_search}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
