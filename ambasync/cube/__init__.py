@@ -3,19 +3,19 @@
 
 - :mod:`.layout`: settings, variables, chunks, codec (pure);
 - :mod:`.slots`: the store's own membership records, slot claims and publish lease;
-- :mod:`.writer`: one experiment into its slot (conversion workers);
+- :mod:`.writer`: one volume into its slot (conversion workers);
 - :mod:`.store`: open/check/set aside, slots for the run, publish, summary (main process);
 - :mod:`.build`: the cube from zips on disk, on every core.
 """
 
 from .build import BuildResult, ZipSource, build_from_zips
-from .layout import Codec, CubeSettings, grid_sha256
+from .layout import Codec, CubeSettings, values_sha256
 from .slots import CubeBusyError, Member
-from .store import Cube, CubeSettingsError, CubeSummary, CubeTarget, PublishResult, cube_summary
-from .writer import CubeWrite, write_experiment
+from .store import Cube, CubeSettingsError, CubeSummary, PublishResult, cube_summary
+from .writer import CubeWrite, CubeWriter, write_slot
 
 __all__ = [
     "BuildResult", "Codec", "Cube", "CubeBusyError", "CubeSettings", "CubeSettingsError", "CubeSummary",
-    "CubeTarget", "CubeWrite", "Member", "PublishResult", "ZipSource", "build_from_zips", "cube_summary",
-    "grid_sha256", "write_experiment",
+    "CubeWrite", "CubeWriter", "Member", "PublishResult", "ZipSource", "build_from_zips", "cube_summary",
+    "values_sha256", "write_slot",
 ]

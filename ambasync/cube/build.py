@@ -8,6 +8,7 @@ process claims slots and publishes; worker processes decode, reorient and write 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import sys
 import time
@@ -18,8 +19,9 @@ from typing import Iterable
 from ..errors import ExperimentError, RunError
 from ..report import log
 from .layout import CubeSettings
-from .store import Cube, CubeTarget, PublishResult
-from .writer import CubeWrite, write_experiment
+from .slots import Member
+from .store import Cube, PublishResult
+from .writer import CubeWrite, write_slot
 
 MAX_RAW_BYTES = 64 * 1024 * 1024
 
@@ -35,40 +37,53 @@ class ZipSource:
 
 @dataclass(frozen=True)
 class BuildResult:
-    writes: tuple[CubeWrite, ...]  # for the state: experiment, slot, grid sha256
+    members: tuple[Member, ...]  # for the state: experiment, slot, sha256 of its values
     failed: tuple[tuple[int, str], ...]  # (experiment id, reason): a bad zip fails that experiment only
     publish: PublishResult
     set_aside_to: str | None  # where a damaged, foreign or replaced store went
 
-    @property
-    def written(self) -> int:
-        return sum(w.written for w in self.writes)
-
-    @property
-    def unchanged(self) -> int:
-        return sum(not w.written for w in self.writes)
+    written: int  # experiments whose chunks were (re)written
+    unchanged: int  # experiments already in the cube with the same values: not a byte touched
 
 
-def _build_one(target: CubeTarget, zip_path: str, max_raw_bytes: int) -> CubeWrite:
+class _InProcess:
+    """``submit`` running at once in this process: a build without a pool (``workers=1``)."""
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001  handed to the caller as a pool would
+            future.set_exception(exc)
+        return future
+
+
+def _build_one(store: str, slot: int, zip_path: str, volumes: tuple[str, ...], orientation: str,
+               max_raw_bytes: int) -> tuple[CubeWrite, ...]:
+    """Worker: decode the zip's grids (never a MINC file), reorient, write each into the slot."""
+    from ..geometry import reorient
     from ..grid import read_grid
 
     body = Path(zip_path).read_bytes()
-    grids = {volume: read_grid(body, volume, max_raw_bytes) for volume in target.settings.volumes}
-    return write_experiment(target, grids)
+    grids = {volume: read_grid(body, volume, max_raw_bytes) for volume in volumes}  # all, before any write
+    return tuple(write_slot(store, slot, v, reorient(grids[v], orientation)) for v in volumes)
 
 
 def build_from_zips(path: str | os.PathLike, settings: CubeSettings, sources: Iterable[ZipSource], *,
-                    workers: int = 0, writer: str = "", force: bool = False, quiet: bool = False,
-                    max_raw_bytes: int = MAX_RAW_BYTES) -> BuildResult:
+                    workers: int = 0, writer: str = "", force: bool = False, prune: bool = False,
+                    quiet: bool = False, max_raw_bytes: int = MAX_RAW_BYTES) -> BuildResult:
     """Put every source into the cube at ``path`` and publish it. ``workers`` processes (0: one
-    per CPU). Experiments already in the cube with the same grids are not rewritten, so this
-    also completes an interrupted build. Returns what the state must record."""
-    from ..convert import start_forkserver
+    per CPU; 1: in this process, no pool). Experiments already in the cube with the same values
+    are not rewritten, so this also completes an interrupted build. ``prune`` removes the
+    experiments not among ``sources`` (as ``--prune``). ``writer`` names this writer (e.g.
+    "shard 0/2"): give each concurrent writer its own. Returns what the state must record."""
+    from ..pool import init_worker, start_forkserver
 
     cube = Cube.open(path, settings, writer=writer, force=force)
     sources = list(sources)
     workers = workers or os.cpu_count() or 1
-    writes: list[CubeWrite] = []
+    members: list[Member] = []
+    written = 0
     failed: list[tuple[int, str]] = []
     bar = None
     if not quiet and sys.stderr.isatty():
@@ -76,37 +91,40 @@ def build_from_zips(path: str | os.PathLike, settings: CubeSettings, sources: It
 
         bar = tqdm(total=len(sources), unit="exp", desc="cube", file=sys.stderr)
     last_line = time.monotonic()
-    ctx = start_forkserver()
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        pending: dict[concurrent.futures.Future, CubeTarget] = {}
+    if workers == 1:
+        pool_context = contextlib.nullcontext(_InProcess())
+    else:
+        pool_context = concurrent.futures.ProcessPoolExecutor(workers, mp_context=start_forkserver(),
+                                                              initializer=init_worker, initargs=(os.getpid(),))
+    with pool_context as pool:
+        pending: dict[concurrent.futures.Future, tuple[ZipSource, int]] = {}
         it = iter(sources)
         while True:
             while len(pending) < 4 * workers:  # a bounded window: memory does not grow with the catalogue
                 source = next(it, None)
                 if source is None:
                     break
-                target = cube.target(source.experiment_id, source.fields)
-                pending[pool.submit(_build_one, target, source.path, max_raw_bytes)] = target
+                slot = cube.slot_for(source.experiment_id)
+                future = pool.submit(_build_one, str(cube.path), slot, source.path, settings.volumes,
+                                     settings.orientation, max_raw_bytes)
+                pending[future] = (source, slot)
             if not pending:
                 break
             done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                target = pending.pop(future)
+                source, slot = pending.pop(future)
                 try:
                     result = future.result()
-                except ExperimentError as exc:
-                    cube.release(target)
-                    failed.append((target.experiment_id, exc.reason))
-                    continue
                 except RunError:
                     raise
-                except (OSError, ValueError) as exc:
-                    cube.release(target)
-                    failed.append((target.experiment_id, f"{type(exc).__name__}: {exc}"))
+                except (ExperimentError, OSError, ValueError) as exc:
+                    cube.release(source.experiment_id, slot)
+                    failed.append((source.experiment_id, getattr(exc, "reason", f"{type(exc).__name__}: {exc}")))
                     continue
-                cube.done(result)
-                writes.append(result)
-            handled = len(writes) + len(failed)
+                members.append(cube.record(source.experiment_id, slot, {w.volume: w.sha256 for w in result},
+                                           source.fields))
+                written += any(w.written for w in result)
+            handled = len(members) + len(failed)
             if bar is not None:
                 bar.update(len(done))
             elif not quiet and time.monotonic() - last_line > 30:
@@ -114,6 +132,8 @@ def build_from_zips(path: str | os.PathLike, settings: CubeSettings, sources: It
                 log.info("cube: %d/%d experiments", handled, len(sources))
     if bar is not None:
         bar.close()
+    if prune:
+        cube.prune(s.experiment_id for s in sources)
     published = cube.publish()
-    return BuildResult(tuple(writes), tuple(failed), published,
-                       str(cube.set_aside_to) if cube.set_aside_to else None)
+    return BuildResult(tuple(members), tuple(failed), published,
+                       str(cube.set_aside_to) if cube.set_aside_to else None, written, len(members) - written)

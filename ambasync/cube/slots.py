@@ -33,11 +33,13 @@ SLOT_DIGITS = 8
 
 @dataclass(frozen=True)
 class Member:
-    """An experiment in the cube: its slot, the sha256 of its grids, its catalogue fields."""
+    """An experiment in the cube: its slot, the sha256 of each volume's values
+    (:func:`~ambasync.cube.layout.values_sha256`; ``sha256`` is energy's), its catalogue fields."""
 
     slot: int
     experiment_id: int
     sha256: str
+    volumes: dict = field(default_factory=dict, hash=False, compare=False)  # volume -> sha256
     fields: dict = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -66,6 +68,10 @@ def _read_json(path: Path) -> dict | None:
         return None  # cannot happen with atomic writes; treated as absent, so the slot is redone
 
 
+def _member(slot: int, doc: dict) -> Member:
+    return Member(slot, int(doc["experiment_id"]), doc["sha256"], doc.get("volumes", {}), doc.get("fields", {}))
+
+
 class Slots:
     """Slot claims and member records of one store (``root`` = ``cube.zarr/.ambasync``)."""
 
@@ -91,7 +97,7 @@ class Slots:
             d = self._slot_dir(slot)
             doc = _read_json(d / "member.json")
             if doc is not None:
-                members[slot] = Member(slot, int(doc["experiment_id"]), doc["sha256"], doc.get("fields", {}))
+                members[slot] = _member(slot, doc)
                 continue
             claim = _read_json(d / "claim.json")
             if claim is not None:
@@ -124,6 +130,20 @@ class Slots:
         except FileNotFoundError:
             return 0.0
 
+    def claim_of(self, slot: int) -> Claim | None:
+        doc = _read_json(self._slot_dir(slot) / "claim.json")
+        return None if doc is None else Claim(slot, int(doc["experiment_id"]), doc.get("writer", ""))
+
+    def claim_free(self, slot: int, experiment_id: int, writer: str) -> bool:
+        """Claim exactly ``slot`` if it is free (``mkdir``); False if anyone holds it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(self._slot_dir(slot))
+        except FileExistsError:
+            return False
+        self.write_claim(slot, experiment_id, writer)
+        return True
+
     def write_claim(self, slot: int, experiment_id: int, writer: str) -> None:
         _write_json(self._slot_dir(slot) / "claim.json", {
             "experiment_id": experiment_id, "writer": writer, "host": socket.gethostname(), "pid": os.getpid(),
@@ -132,13 +152,12 @@ class Slots:
     def write_member(self, member: Member) -> None:
         """Record that the slot's chunks now hold ``member`` (call after writing them)."""
         _write_json(self._slot_dir(member.slot) / "member.json", {
-            "experiment_id": member.experiment_id, "sha256": member.sha256, "fields": member.fields})
+            "experiment_id": member.experiment_id, "sha256": member.sha256, "volumes": member.volumes,
+            "fields": member.fields})
 
     def read_member(self, slot: int) -> Member | None:
         doc = _read_json(self._slot_dir(slot) / "member.json")
-        if doc is None:
-            return None
-        return Member(slot, int(doc["experiment_id"]), doc["sha256"], doc.get("fields", {}))
+        return None if doc is None else _member(slot, doc)
 
     def unrecord(self, slot: int) -> None:
         """The slot no longer holds an experiment (its claim stays until :meth:`release`)."""
@@ -153,13 +172,27 @@ class Slots:
             d.rmdir()
 
 
+def _dead_here(holder: dict) -> bool:
+    """The lease's holder ran on this machine and its process is gone (killed): no need to wait."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def lease(root: Path, writer: str, wait_seconds: float, stale_seconds: float,
           poll_seconds: float = 0.2) -> Iterator[None]:
     """Hold the store's publish lease (``mkdir``; works across machines over NFS, where
-    ``flock`` does not). A lease older than ``stale_seconds`` belongs to a writer that died: it
-    is broken by renaming it aside (only one breaker can win the rename). Clocks of the
-    machines sharing a store must agree to well within ``stale_seconds``."""
+    ``flock`` does not). A lease older than ``stale_seconds``, or held by a process of this
+    machine that no longer exists, belongs to a writer that died: it is broken by renaming it
+    aside (only one breaker can win the rename). Clocks of the machines sharing a store must
+    agree to well within ``stale_seconds``."""
     path = Path(root) / "publish.lease"
     deadline = time.monotonic() + wait_seconds
     while True:
@@ -172,7 +205,7 @@ def lease(root: Path, writer: str, wait_seconds: float, stale_seconds: float,
                 since = float(holder.get("time", path.stat().st_mtime))
             except FileNotFoundError:
                 continue  # released meanwhile
-            if time.time() - since > stale_seconds:
+            if time.time() - since > stale_seconds or _dead_here(holder):
                 broken = path.with_name(f"publish.lease.broken-{uuid.uuid4().hex}")
                 with contextlib.suppress(FileNotFoundError, OSError):
                     os.rename(path, broken)

@@ -46,24 +46,13 @@ from .slots import Member, Slots, lease
 
 ALLEN_GRID_SHAPE = (58, 41, 67)  # the 200 µm Allen grid as stored (PIR), C order
 STALE_CLAIM_SECONDS = 24 * 3600  # a slot claimed this long ago and never filled is free again
+BROKEN_CLAIM_SECONDS = 60  # a claim folder without its claim.json (killed between the two) this old is free
 LEASE_WAIT_SECONDS = 900.0  # how long a publish waits for another writer's publish
 LEASE_STALE_SECONDS = 3600.0  # a publish lease this old was left by a dead writer
 
 
 class CubeSettingsError(ConfigError):
     """The store at cube.zarr was written with other settings: never mixed (exit 2, or --force)."""
-
-
-@dataclass(frozen=True)
-class CubeTarget:
-    """What a conversion worker needs to put one experiment into the cube (picklable)."""
-
-    store: str
-    slot: int
-    experiment_id: int
-    fields: dict
-    settings: CubeSettings
-    known_sha256: str | None = None  # the slot already holds grids with this sha256
 
 
 @dataclass(frozen=True)
@@ -224,6 +213,7 @@ class Cube:
         for slot in sorted(members):  # a duplicate (two runs on one experiment) keeps its first slot
             self._by_id.setdefault(members[slot].experiment_id, members[slot])
         self._low = 0
+        self._claimed: dict[int, int] = {}  # slots this Cube claimed: slot -> experiment id
 
     @classmethod
     def open(cls, path: str | os.PathLike, settings: CubeSettings, *, writer: str = "", force: bool = False,
@@ -262,19 +252,24 @@ class Cube:
         """Experiments in the cube (as of opening and this run's own changes), by experiment id."""
         return dict(self._by_id)
 
-    def target(self, experiment_id: int, fields: Mapping | None = None) -> CubeTarget:
-        """Slot for ``experiment_id`` (its own if it is in the cube, else a free one, claimed now)
-        and what the worker needs to write it. Call before submitting the conversion."""
-        fields = {c: layout.catalogue_value(c, (fields or {}).get(c)) for c in CATALOGUE_COLUMNS}
+    def missing(self, experiment_ids: Iterable[int]) -> list[int]:
+        """Those of ``experiment_ids`` the cube does not hold (what a MINC-only mirror must add)."""
+        return [e for e in experiment_ids if e not in self._by_id]
+
+    def slot_for(self, experiment_id: int) -> int:
+        """The experiment's slot: its own if it is in the cube, else a free one, claimed now.
+        Call in the main process before submitting its conversion."""
         member = self._by_id.get(experiment_id)
         if member is not None:
-            return CubeTarget(str(self.path), member.slot, experiment_id, fields, self.settings, member.sha256)
+            return member.slot
         for slot, claim in sorted(self._orphans.items()):
             # our own experiment's claim left by a killed run (only its shard writes it), or a stale one
-            if claim.experiment_id == experiment_id or self.slots.claim_age(slot) > STALE_CLAIM_SECONDS:
+            age = self.slots.claim_age(slot)
+            if claim.experiment_id == experiment_id or age > STALE_CLAIM_SECONDS or (
+                    claim.experiment_id == -1 and age > BROKEN_CLAIM_SECONDS):
                 del self._orphans[slot]
                 self.slots.write_claim(slot, experiment_id, self.writer)
-                return CubeTarget(str(self.path), slot, experiment_id, fields, self.settings)
+                return slot
         try:
             slot = self.slots.claim(experiment_id, self.writer, self._taken, self._low)
         except OSError as exc:
@@ -283,17 +278,36 @@ class Cube:
                     from exc
             raise
         self._low = slot + 1
-        return CubeTarget(str(self.path), slot, experiment_id, fields, self.settings)
+        self._claimed[slot] = experiment_id
+        return slot
 
-    def done(self, write) -> None:
-        """Take note of a worker's :class:`~ambasync.cube.writer.CubeWrite` (after a Done)."""
-        self._by_id[write.experiment_id] = Member(write.slot, write.experiment_id, write.sha256)
+    def record(self, experiment_id: int, slot: int, shas: Mapping[str, str], fields: Mapping | None = None) -> Member:
+        """Every volume of the experiment is in its slot (the worker's :class:`CubeWrite` s, or the
+        run's Done): write its member record. This is what makes it part of the cube."""
+        missing = [v for v in self.settings.volumes if v not in shas]
+        if missing:
+            raise ValueError(f"experiment {experiment_id}: no {', '.join(missing)} written to slot {slot}")
+        member = Member(slot, experiment_id, shas["energy"], {v: shas[v] for v in self.settings.volumes},
+                        {c: layout.catalogue_value(c, (fields or {}).get(c)) for c in CATALOGUE_COLUMNS})
+        current = self.slots.read_member(slot)
+        if current is None or (current.experiment_id, current.sha256, current.volumes, current.fields) != (
+                member.experiment_id, member.sha256, member.volumes, member.fields):
+            try:
+                self.slots.write_member(member)
+            except OSError as exc:
+                if disk_full(exc):
+                    raise DiskFullError(f"no space left on the device holding {self.path}: free space, then run "
+                                        "again") from exc
+                raise
+        self._by_id[experiment_id] = member
+        self._claimed.pop(slot, None)
+        return member
 
-    def release(self, target: CubeTarget) -> None:
-        """The conversion of a newly claimed slot failed: free the slot. A slot that already
-        held the experiment keeps it (its previous grids are still there, unharmed)."""
-        if target.experiment_id not in self._by_id or self._by_id[target.experiment_id].slot != target.slot:
-            self._remove_slot(target.slot)
+    def release(self, experiment_id: int, slot: int) -> None:
+        """The conversion of an experiment failed: a newly claimed slot is freed; a slot that
+        already held the experiment keeps it (its previous grids are still there, unharmed)."""
+        if experiment_id not in self._by_id or self._by_id[experiment_id].slot != slot:
+            self._remove_slot(slot)
 
     def remove(self, experiment_id: int) -> bool:
         """Take an experiment out of the cube (``--prune``); its slot is free for the next new one."""
@@ -322,19 +336,26 @@ class Cube:
             (self.path / layout.chunk_key(var, slot)).unlink(missing_ok=True)
         self.slots.release(slot)
         self._taken.discard(slot)
+        self._claimed.pop(slot, None)
         self._low = min(self._low, slot)
 
     # -- publish ----------------------------------------------------------------------------------
     def publish(self, *, now: float | None = None, wait_seconds: float = LEASE_WAIT_SECONDS,
                 stale_seconds: float = LEASE_STALE_SECONDS) -> PublishResult:
         """Bring the shared parts up to date with the member records (run end). Does nothing,
-        and writes nothing, when the members are those last published."""
+        and writes nothing, when the members are those last published.
+
+        First the slots this Cube claimed but never recorded (experiments that failed) are
+        freed, and free slots below the end are filled with this writer's last experiments
+        (see :meth:`_compact`), so the published cube has no empty slot in the usual case."""
+        for slot in list(self._claimed):
+            self._remove_slot(slot)
         members, _ = self.slots.scan()
         if _digest(members) == self._published_digest():
             return PublishResult(False, len(members), 0, 0)
         try:
             with lease(self.path / META, self.writer, wait_seconds, stale_seconds):
-                members, _ = self.slots.scan()  # again: others may have published meanwhile
+                members = self._compact()
                 digest = _digest(members)
                 if digest == self._published_digest():
                     return PublishResult(False, len(members), 0, 0)
@@ -347,6 +368,47 @@ class Cube:
                 raise DiskFullError(f"no space left on the device holding {self.path} while publishing the cube: "
                                     "free space, then run again (the previous cube is still readable)") from exc
             raise
+
+    def _compact(self) -> dict[int, Member]:
+        """Move this writer's highest experiments down into free slots (and drop its duplicates),
+        under the lease. Only this writer's own: no other writer can be rewriting them now (a
+        shard's runs never overlap: the run's lock). Each move copies the chunks, records the new
+        slot, then frees the old one: a kill at any point leaves the data in at least one
+        recorded slot (a duplicate is resolved to its lowest slot, holding the same values)."""
+        members, orphans = self.slots.scan()
+        mine = {s for s in members if (c := self.slots.claim_of(s)) is not None and c.writer == self.writer}
+        first: dict[int, int] = {}
+        for slot in sorted(members):
+            eid = members[slot].experiment_id
+            if eid in first and slot in mine:
+                self._remove_slot(slot)  # a duplicate left by a killed move: the lower slot holds it
+                del members[slot]
+            first.setdefault(eid, slot)
+        free = 0
+        while True:
+            candidates = sorted((s for s in members if s in mine), reverse=True)
+            taken = set(members) | set(orphans)
+            while free in taken:
+                free += 1
+            if not candidates or candidates[0] < free:
+                return members
+            high = candidates[0]
+            member = members[high]
+            if not self.slots.claim_free(free, member.experiment_id, self.writer):
+                orphans[free] = None  # taken by another writer meanwhile
+                continue
+            for var in self.settings.variables():
+                src, dst = self.path / layout.chunk_key(var, high), self.path / layout.chunk_key(var, free)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(dst) as tmp:
+                    shutil.copyfile(src, tmp)
+            moved = Member(free, member.experiment_id, member.sha256, member.volumes, member.fields)
+            self.slots.write_member(moved)
+            self._remove_slot(high)
+            del members[high]
+            members[free] = moved
+            mine.add(free)
+            self._by_id[moved.experiment_id] = moved
 
     def _published_digest(self) -> str | None:
         try:

@@ -1,71 +1,103 @@
-"""Write one experiment into its cube slot, in a conversion worker: decoded grids in, chunks out.
+"""Write one volume of one experiment into its cube slot, in a conversion worker.
 
-The worker writes only its slot's own chunk files (one per variable) and then the slot's member
-record, each atomically; nothing shared. So it needs no lock and can run in any process on any
-machine that sees the store. Array shapes and everything else shared are the publisher's job
-(:meth:`ambasync.cube.store.Cube.publish`).
+The worker writes only its slot's own chunk file (one per variable), atomically; nothing
+shared, so it needs no lock and can run in any process on any machine that sees the store.
+The member record (written by the main process once every volume of the experiment is in
+place: :meth:`ambasync.cube.store.Cube.record`) and everything shared (array shapes,
+coordinates, the voxel-major copy: :meth:`~ambasync.cube.store.Cube.publish`) are not the
+worker's job.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import DiskFullError, disk_full
 from ..files import atomic_path
-from ..geometry import reorient
 from . import layout
-from .slots import Member, Slots
-from .store import CubeTarget, geometry
+from .slots import Slots
+
+if TYPE_CHECKING:
+    from ..geometry import Geometry
+    from ..minc import Written
+    from ..settings import ConvertSettings
+    from ..target import Target
 
 
 @dataclass(frozen=True)
 class CubeWrite:
-    """What the state records for an experiment in the cube (returned to the main process)."""
+    """One volume in its slot: what the main process records (returned by the worker)."""
 
-    experiment_id: int
     slot: int
-    sha256: str  # layout.grid_sha256 of the grids now in the slot
-    written: bool  # False: the slot already held exactly these grids; no byte was touched
+    volume: str
+    sha256: str  # layout.values_sha256 of the values now in the slot
+    path: str  # the chunk file
+    size: int  # the chunk file's bytes
+    written: bool  # False: the slot already held exactly these values; no byte was touched
 
 
-def write_experiment(target: CubeTarget, grids: Mapping[str, np.ndarray]) -> CubeWrite:
-    """Put ``grids`` (volume -> decoded Allen grid as stored, PIR float32, as
-    :func:`ambasync.grid.read_grid` returns it) into ``target``'s slot, reoriented like the MINC
-    files. Unchanged grids are not rewritten; changed catalogue fields rewrite the record only."""
-    settings = target.settings
-    sha = layout.grid_sha256(grids, settings.volumes)
-    store = Path(target.store)
-    slots = Slots(store / layout.META)
-    member = Member(target.slot, target.experiment_id, sha, dict(target.fields))
-    current = slots.read_member(target.slot)
+def _store_layout(store: str) -> tuple[tuple[int, ...], dict]:
+    """(volume shape, codec) the store was made with: read once per worker process and store
+    (a store replaced at the same path, e.g. with --force, is a new file: read again)."""
+    st = (Path(store) / layout.META / "settings.json").stat()
+    return _read_layout(store, st.st_ino, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_layout(store: str, inode: int, mtime_ns: int) -> tuple[tuple[int, ...], dict]:
+    from .store import geometry
+
+    doc = json.loads((Path(store) / layout.META / "settings.json").read_text())
+    settings = layout.CubeSettings(orientation=doc["orientation"], space=doc["space"], expansion=doc["expansion"])
+    return tuple(geometry(settings).sizes), doc["codec"]
+
+
+def write_slot(store: str | Path, slot: int, volume: str, data: np.ndarray) -> CubeWrite:
+    """Put ``data`` (one volume, reoriented as the MINC files, float32, the cube's volume shape)
+    into ``slot`` of the store. If the slot's member record says it already holds these exact
+    values, nothing is written (a re-zipped or re-converted grid leaves the store untouched)."""
+    store = Path(store)
+    sizes, codec = _store_layout(str(store))
+    if tuple(data.shape) != sizes:
+        raise ValueError(f"slot {slot}: {volume} volume of shape {data.shape} does not fit the cube at {store} "
+                         f"({sizes})")
+    values = np.ascontiguousarray(data, dtype="<f4")
+    sha = layout.values_sha256(values)
+    chunk = store / layout.chunk_key(layout.VARIABLE_OF_VOLUME[volume], slot)
+    current = Slots(store / layout.META).read_member(slot)
+    if current is not None and current.volumes.get(volume) == sha and chunk.exists():
+        return CubeWrite(slot, volume, sha, str(chunk), chunk.stat().st_size, False)
+    blob = layout.blosc(layout.Codec(**codec)).encode(values)
     try:
-        if current is not None and current.experiment_id == target.experiment_id and current.sha256 == sha:
-            if current.fields != member.fields:
-                slots.write_member(member)
-            return CubeWrite(target.experiment_id, target.slot, sha, False)
-        sizes = tuple(geometry(settings).sizes)
-        compressor = layout.blosc(settings.codec)
-        encoded = []
-        for volume in settings.volumes:  # encode all first: a bad grid writes nothing
-            data = np.ascontiguousarray(reorient(np.asarray(grids[volume], dtype=np.float32), settings.orientation),
-                                        dtype="<f4")
-            if data.shape != sizes:
-                raise ValueError(f"experiment {target.experiment_id}: {volume} grid of shape {data.shape} after "
-                                 f"reorientation does not fit the cube's {sizes}")
-            encoded.append((layout.VARIABLE_OF_VOLUME[volume], compressor.encode(data)))
-        for variable, blob in encoded:
-            chunk = store / layout.chunk_key(variable, target.slot)
-            chunk.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(chunk) as tmp:
-                tmp.write_bytes(blob)
-        slots.write_member(member)  # last: the record never points at data that is not there
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(chunk) as tmp:
+            tmp.write_bytes(blob)
     except OSError as exc:
         if disk_full(exc):
-            raise DiskFullError(f"no space left on the device holding {store} while writing experiment "
-                                f"{target.experiment_id}: free space, then run again") from exc
+            raise DiskFullError(f"no space left on the device holding {store} while writing slot {slot}: "
+                                "free space, then run again (the previous cube is still readable)") from exc
         raise
-    return CubeWrite(target.experiment_id, target.slot, sha, True)
+    return CubeWrite(slot, volume, sha, str(chunk), len(blob), True)
+
+
+@dataclass(frozen=True)
+class CubeWriter:
+    """The cube's output writer for the conversion worker (``ambasync.writers.WRITERS["cube"]``):
+    ``target.path`` is the store (relative to the output folder), ``target.index`` the slot.
+    Returns the chunk file and the sha256 of the values (:func:`layout.values_sha256`)."""
+
+    settings: ConvertSettings
+
+    def write(self, data: np.ndarray, geometry: Geometry, target: Target, out: Path) -> Written:
+        from ..minc import Written
+
+        if target.index is None:
+            raise ValueError(f"cube target {target} has no slot: Cube.slot_for gives it before submit")
+        w = write_slot(Path(out) / target.path, target.index, target.volume, data)
+        return Written(w.path, w.sha256, w.size)
