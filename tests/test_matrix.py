@@ -540,3 +540,23 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, cube, capsys):
     assert len(lines) == 1 and lines[0].startswith("ambasync: ") and needle in lines[0], err
     assert "Traceback" not in err
     assert not (tmp_path / "m.csv").exists() and not (tmp_path / "m.xlsx").exists()
+
+
+@pytest.mark.parametrize("orjson_installed", [True, False])
+def test_csv_numbers_read_back_to_the_same_doubles(orjson_installed, monkeypatch):
+    """Every CSV cell reads back (pandas, round_trip) to the exact double written, NaN as an empty
+    field, with orjson's formatter or, without it, Arrow's."""
+    import io
+
+    from ambasync.matrix import _csv_rows
+
+    if not orjson_installed:
+        monkeypatch.setitem(sys.modules, "orjson", None)  # what `import orjson` sees when it is absent
+    rng = np.random.default_rng(2)
+    block = rng.normal(size=(5, 400)) * 10.0 ** rng.integers(-12, 12, (5, 400))
+    block[rng.random(block.shape) < 0.2] = np.nan
+    block[0, :3] = [0.1 + 0.2, 1.0, -0.0]
+    text = bytes(_csv_rows(block, ["a", "b", "c", "d", "e"]))
+    back = pd.read_csv(io.BytesIO(text), header=None, index_col=0, float_precision="round_trip")
+    assert list(back.index) == ["a", "b", "c", "d", "e"]
+    np.testing.assert_array_equal(back.to_numpy(), block)
