@@ -75,30 +75,22 @@ def null_spectrum(values: np.ndarray, mask: np.ndarray,
     """The amplitude spectrum of nulls with the autocovariance of ``values`` inside ``mask``."""
     mask = np.asarray(mask, dtype=bool)
     inside = np.asarray(values, dtype=np.float64)[mask]
-    box = tuple(slice(0, s) for s in mask.shape)
-    # Autocovariance on a grid twice the size: circular lags there are the true linear ones.
-    big = tuple(sfft.next_fast_len(2 * s, real=True) for s in mask.shape)
-    field = np.zeros(big)
-    field[box][mask] = inside - inside.mean()
-    inmask = np.zeros(big)
-    inmask[box][mask] = 1.0
-    cov = sfft.irfftn(np.abs(sfft.rfftn(field)) ** 2, s=big)
-    pairs = np.rint(sfft.irfftn(np.abs(sfft.rfftn(inmask)) ** 2, s=big))
-    cov = np.where(pairs >= 1, cov / np.maximum(pairs, 1), 0.0)
-
     extent = [np.ptp(np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]) + 1 for d in range(3)]
     max_lag = [max(1, int(max_lag_fraction * e)) for e in extent]
+    # On a circular grid at least (box + max_lag) long, lags shorter than max_lag do not wrap:
+    # the autocovariance is estimated on the nulls' own FFT grid, exactly for the lags kept.
     shape = generation_shape(mask.shape, max_lag)
-    window = np.ones(big)
-    for d in range(3):
-        w = _taper(_lags(big[d]), max_lag[d] / 2, max_lag[d])
-        window *= w.reshape([-1 if a == d else 1 for a in range(3)])
-    cov *= window
-    # Place lags |l| < max_lag on the generation grid (circularly), then to a spectrum.
-    small = np.zeros(shape)
-    index = [np.concatenate([np.arange(0, m), np.arange(-m + 1, 0)]) for m in max_lag]
-    small[np.ix_(*[i % s for i, s in zip(index, shape)])] = cov[np.ix_(*[i % b for i, b in zip(index, big)])]
-    power = np.clip(sfft.rfftn(small).real, 0.0, None)  # an even function: real spectrum; clip estimation noise
+    box = tuple(slice(0, s) for s in mask.shape)
+    field = np.zeros(shape)
+    field[box][mask] = inside - inside.mean()
+    inmask = np.zeros(shape)
+    inmask[box][mask] = 1.0
+    cov = sfft.irfftn(np.abs(sfft.rfftn(field)) ** 2, s=shape)
+    pairs = np.rint(sfft.irfftn(np.abs(sfft.rfftn(inmask)) ** 2, s=shape))
+    cov = np.where(pairs >= 1, cov / np.maximum(pairs, 1), 0.0)
+    for d in range(3):  # taper to 0 at max_lag: the longer (wrapped) lags are dropped
+        cov *= _taper(_lags(shape[d]), max_lag[d] / 2, max_lag[d]).reshape([-1 if a == d else 1 for a in range(3)])
+    power = np.clip(sfft.rfftn(cov).real, 0.0, None)  # an even function: real spectrum; clip estimation noise
     return NullSpectrum(np.sqrt(power).astype(np.float32), shape)
 
 

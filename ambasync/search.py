@@ -58,20 +58,26 @@ def _error(message: str) -> ConfigError:
 
 def map_on_cube(path: str, ds: xr.Dataset) -> np.ndarray:
     """The user's map on the cube's grid (trilinear by world coordinates; NaN outside it)."""
-    from .atlas import cube_geometry, on_grid, read_image
+    from .atlas import AnalysisError, cube_geometry, on_grid, read_image
 
     data, geometry = read_image(path)
-    return on_grid(data, geometry, cube_geometry(ds), "linear")
+    try:
+        return on_grid(data, geometry, cube_geometry(ds), "linear")
+    except AnalysisError as exc:  # on_grid names both grids, not the file
+        raise _error(f"{path}: {exc}") from None
 
 
 def roi_on_cube(path: str, ds: xr.Dataset) -> np.ndarray:
     """A region image's nonzero voxels on the cube's grid (nearest voxel by world coordinates)."""
     import numpy as np
 
-    from .atlas import cube_geometry, on_grid, read_image
+    from .atlas import AnalysisError, cube_geometry, on_grid, read_image
 
     data, geometry = read_image(path)
-    values = on_grid(data, geometry, cube_geometry(ds), "nearest")
+    try:
+        values = on_grid(data, geometry, cube_geometry(ds), "nearest")
+    except AnalysisError as exc:  # on_grid names both grids, not the file
+        raise _error(f"{path}: {exc}") from None
     return np.isfinite(values) & (values != 0)
 
 
