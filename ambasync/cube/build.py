@@ -134,6 +134,6 @@ def build_from_zips(path: str | os.PathLike, settings: CubeSettings, sources: It
         bar.close()
     if prune:
         cube.prune(s.experiment_id for s in sources)
-    published = cube.publish()
+    published = cube.publish(workers=workers)
     return BuildResult(tuple(members), tuple(failed), published,
                        str(cube.set_aside_to) if cube.set_aside_to else None, written, len(members) - written)

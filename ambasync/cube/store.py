@@ -340,10 +340,11 @@ class Cube:
         self._low = min(self._low, slot)
 
     # -- publish ----------------------------------------------------------------------------------
-    def publish(self, *, now: float | None = None, wait_seconds: float = LEASE_WAIT_SECONDS,
+    def publish(self, *, workers: int = 0, now: float | None = None, wait_seconds: float = LEASE_WAIT_SECONDS,
                 stale_seconds: float = LEASE_STALE_SECONDS) -> PublishResult:
         """Bring the shared parts up to date with the member records (run end). Does nothing,
-        and writes nothing, when the members are those last published.
+        and writes nothing, when the members are those last published. The voxel-major copy
+        is rebuilt on ``workers`` processes (0: one per CPU; 1: in this process).
 
         First the slots this Cube claimed but never recorded (experiments that failed) are
         freed, and free slots below the end are filled with this writer's last experiments
@@ -359,7 +360,7 @@ class Cube:
                 digest = _digest(members)
                 if digest == self._published_digest():
                     return PublishResult(False, len(members), 0, 0)
-                result = _publish(self.path, self.settings, members, now)
+                result = _publish(self.path, self.settings, members, now, workers or os.cpu_count() or 1)
                 with atomic_path(self.path / META / "published.json") as tmp:
                     tmp.write_text(json.dumps({"digest": digest, "time": _iso(now)}))
                 return result
@@ -437,7 +438,8 @@ def _resize(array, shape: tuple[int, ...]) -> None:
         sync(array.async_array.resize(shape, delete_outside_chunks=False))
 
 
-def _publish(path: Path, settings: CubeSettings, members: Mapping[int, Member], now: float | None) -> PublishResult:
+def _publish(path: Path, settings: CubeSettings, members: Mapping[int, Member], now: float | None,
+             workers: int) -> PublishResult:
     import zarr
 
     g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
@@ -460,27 +462,25 @@ def _publish(path: Path, settings: CubeSettings, members: Mapping[int, Member], 
     blocks_dir = path / META / "blocks"
     blocks_dir.mkdir(exist_ok=True)
     n_blocks = math.ceil(n / settings.block)
-    totals = {plane: np.zeros(geo.sizes, dtype=np.int64) for plane in PLANES}
-    rebuilt = 0
+    todo: dict[int, dict] = {}
     for b in range(n_blocks):
         lo, hi = b * settings.block, min((b + 1) * settings.block, n)
         want = {str(s): [by_slot[s].sha256, by_slot[s].fields.get("plane", "")] for s in range(lo, hi) if s in by_slot}
         want_doc = {"slots": want, "end": hi}
-        record = blocks_dir / f"{b:06d}.json"
-        counts_path = blocks_dir / f"{b:06d}.npz"
         try:
-            same = json.loads(record.read_text()) == want_doc and counts_path.exists()
+            same = json.loads((blocks_dir / f"{b:06d}.json").read_text()) == want_doc and \
+                (blocks_dir / f"{b:06d}.npz").exists()
         except (OSError, ValueError):
             same = False
         if not same:
-            counts = _rebuild_block(g, settings, by_slot, lo, hi)
-            with atomic_path(counts_path) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, **counts)
-            with atomic_path(record) as tmp:
-                tmp.write_text(json.dumps(want_doc, sort_keys=True))
-            rebuilt += 1
-        with np.load(counts_path) as saved:
+            todo[b] = want_doc
+    _rebuild_blocks(path, settings, by_slot, sorted(todo), n, workers)
+    totals = {plane: np.zeros(geo.sizes, dtype=np.int64) for plane in PLANES}
+    for b in range(n_blocks):
+        if b in todo:  # the block's counts were written by _rebuild_blocks: now its record
+            with atomic_path(blocks_dir / f"{b:06d}.json") as tmp:
+                tmp.write_text(json.dumps(todo[b], sort_keys=True))
+        with np.load(blocks_dir / f"{b:06d}.npz") as saved:
             for plane in PLANES:
                 totals[plane] += saved[plane]
     for stale in blocks_dir.glob("*.json"):
@@ -504,26 +504,81 @@ def _publish(path: Path, settings: CubeSettings, members: Mapping[int, Member], 
             g[col][:] = np.array(values, dtype=dtype)
     g.attrs.update(_root_attrs(settings, now))
     _consolidate(path)  # last: readers switch to the new shapes in one rename
-    return PublishResult(True, len(by_slot), n - len(by_slot), rebuilt)
+    return PublishResult(True, len(by_slot), n - len(by_slot), len(todo))
 
 
-def _rebuild_block(g, settings: CubeSettings, by_slot: Mapping[int, Member], lo: int, hi: int) -> dict:
-    """Rewrite slots lo..hi of the voxel-major copy from the volume-major chunks; return the
-    block's per-plane counts of voxels with data. Memory: one block of volumes."""
-    data = np.asarray(g["expression"][lo:hi])
-    for s in range(lo, hi):
-        if s not in by_slot:
-            data[s - lo] = FILL  # an empty slot: whatever a killed writer left there is not in the cube
+def _rebuild_blocks(path: Path, settings: CubeSettings, by_slot: Mapping[int, Member], blocks: list[int], n: int,
+                    workers: int) -> None:
+    """Rebuild the voxel-major chunks and coverage counts of ``blocks``, each block split into
+    slabs of zspace chunks, one task per (block, slab) on ``workers`` processes: a task holds one
+    slab of one block (block × slab × 637 KB / 41 planes), so memory stays bounded."""
+    if not blocks:
+        return
+    geo = geometry(settings)
+    cz = settings.by_voxel_chunk[0]
+    starts = list(range(0, geo.sizes[0], cz))
+    per = math.ceil(len(starts) / max(1, workers))
+    slabs = [(starts[i], min(geo.sizes[0], starts[i] + per * cz)) for i in range(0, len(starts), per)]
+    tasks = []
+    for b in blocks:
+        lo, hi = b * settings.block, min((b + 1) * settings.block, n)
+        rows = [(s, by_slot[s].fields.get("plane", "")) if s in by_slot else (s, None) for s in range(lo, hi)]
+        tasks.extend((str(path), settings, b, rows, z0, z1) for z0, z1 in slabs)
+    if workers <= 1:
+        parts = [_rebuild_slab(*t) for t in tasks]
+    else:
+        import concurrent.futures
+
+        from ..pool import start_forkserver
+
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=start_forkserver()) as pool:
+            parts = list(pool.map(_rebuild_slab, *zip(*tasks)))
+    counts: dict[int, dict[str, np.ndarray]] = {b: {p: np.zeros(geo.sizes, np.int64) for p in PLANES} for b in blocks}
+    for (_, _, b, _, z0, z1), part in zip(tasks, parts):
+        for plane in PLANES:
+            counts[b][plane][z0:z1] = part[plane]
+    for b in blocks:
+        with atomic_path(path / META / "blocks" / f"{b:06d}.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **counts[b])
+
+
+def _rebuild_slab(store: str, settings: CubeSettings, b: int, rows: list[tuple[int, str | None]], z0: int,
+                  z1: int) -> dict[str, np.ndarray]:
+    """One (block, slab) task: read the block's volume-major chunks (empty slots: -1), keep the
+    slab, write its voxel-major chunks (full chunk shape, padded with -1, as zarr stores edge
+    chunks), return its per-plane counts of voxels with data."""
+    geo = geometry(settings)
+    codec = layout.blosc(settings.codec)
+    path = Path(store)
+    data = np.full((settings.block, z1 - z0, *geo.sizes[1:]), FILL, dtype=np.float32)
+    for i, (slot, plane) in enumerate(rows):
+        if plane is None:
+            continue  # an empty slot: whatever a killed writer left there is not in the cube
+        try:
+            blob = (path / layout.chunk_key("expression", slot)).read_bytes()
+        except FileNotFoundError:
+            continue  # reads as -1 through zarr too
+        data[i] = np.frombuffer(codec.decode(blob), dtype="<f4").reshape(geo.sizes)[z0:z1]
     counts = {}
     for plane in PLANES:
-        rows = [s - lo for s in range(lo, hi) if s in by_slot and by_slot[s].fields.get("plane") == plane]
-        counts[plane] = np.count_nonzero(data[rows] != FILL, axis=0).astype(np.int64) if rows \
+        idx = [i for i, (_, p) in enumerate(rows) if p == plane]
+        counts[plane] = np.count_nonzero(data[idx] != FILL, axis=0).astype(np.int64) if idx \
             else np.zeros(data.shape[1:], dtype=np.int64)
     if settings.by_voxel:
-        target = g[BY_VOXEL]
-        cz = settings.by_voxel_chunk[0]
-        for z0 in range(0, data.shape[1], cz):  # a slab of chunks at a time: bounded extra memory
-            target[z0:z0 + cz, :, :, lo:hi] = np.moveaxis(data[:, z0:z0 + cz], 0, -1)
+        cz, cy, cx = settings.by_voxel_chunk
+        _, y, x = geo.sizes
+        chunk = np.empty((cz, cy, cx, settings.block), dtype="<f4")
+        for zs in range(z0, z1, cz):
+            for ys in range(0, y, cy):
+                for xs in range(0, x, cx):
+                    chunk.fill(FILL)
+                    part = data[:, zs - z0:zs - z0 + cz, ys:ys + cy, xs:xs + cx]
+                    chunk[:part.shape[1], :part.shape[2], :part.shape[3], :] = np.moveaxis(part, 0, -1)
+                    key = path / BY_VOXEL / "c" / str(zs // cz) / str(ys // cy) / str(xs // cx) / str(b)
+                    key.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_path(key) as tmp:
+                        tmp.write_bytes(codec.encode(chunk))
     return counts
 
 
