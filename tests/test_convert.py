@@ -21,7 +21,7 @@ def run_convert(body: bytes, out: Path, volume: str = "energy", dtype: str = "us
                 orientation: str = "RAS", space: str = "MICe", expansion: float = 1.0) -> Path:
     target = out / f"{volume}_{dtype}_{orientation}_{space}.mnc"
     result = convert(ConvertJob(1, body, str(out), (Target(volume, target.name),),
-                                ConvertSettings(orientation, space, expansion, dtype), 64 << 20))
+                                ConvertSettings(orientation, space, expansion, dtype)))
     assert result.outputs[0][1].path == str(target)
     return target
 
@@ -116,7 +116,7 @@ async def test_the_conversion_pool_is_replaced_by_fresh_processes_and_never_left
 
     async def one(eid: int):
         job = ConvertJob(eid, rep.zip_for(eid), str(tmp_path), (Target("energy", f"{eid}.mnc"),),
-                         ConvertSettings("RAS", "MICe", 1.0, "float"), 64 << 20)
+                         ConvertSettings("RAS", "MICe", 1.0, "float"))
         return await asyncio.wait_for(await pool.submit(job), 120)
 
     try:
