@@ -20,9 +20,11 @@ log = logging.getLogger("ambasync")
 
 
 def _done(job: Job, result: ConvertResult, download: Download | None, attempts: int) -> Done:
-    outputs = tuple(Output(t.volume, t.path, w.sha256, w.size) for t, w in result.outputs)
+    # The state records files; an output inside a shared store (an index) is the store's to record.
+    outputs = tuple(Output(t.volume, t.path, w.sha256, w.size) for t, w in result.outputs if t.index is None)
     return Done(job, outputs, attempts, result.zip_sha256, result.zip_size,
-                download.last_modified if download else None, download.etag if download else None)
+                download.last_modified if download else None, download.etag if download else None,
+                result.outputs)
 
 
 async def _from_cache(job: Job, converter: Converter) -> Done | None:

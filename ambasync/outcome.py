@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .catalog import Row
 from .errors import RunError
+from .minc import Written
 from .record import Output, Record
 from .target import Target
 
@@ -30,12 +31,13 @@ class Done:
     """The experiment's outputs are in place (renamed into their final names)."""
 
     job: Job
-    outputs: tuple[Output, ...]
+    outputs: tuple[Output, ...]  # the files the state records
     attempts: int  # grid requests it took (0: converted from the zip cache)
     zip_sha256: str
     zip_size: int
     last_modified: str | None = None
     etag: str | None = None
+    written: tuple[tuple[Target, Written], ...] = ()  # every output, store slots too (for the formats' hooks)
 
 
 @dataclass(frozen=True)
