@@ -51,6 +51,7 @@ def _conversion(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expansion", type=float, metavar="F", help="expansion factor [convert.expansion]")
     p.add_argument("--volumes", metavar="V,V", help=f"any of {','.join(VOLUMES)} [convert.volumes]")
     p.add_argument("--name-template", metavar="T", help="output file name [convert.name_template]")
+    p.add_argument("--formats", metavar="F,F", help="outputs: any of minc,nifti,cube [output.formats]")
     p.add_argument("--keep-zips", action="store_const", const=True, help="keep downloaded zips [output.keep_zips]")
 
 
@@ -60,7 +61,7 @@ _OVERRIDES = {
     "page_size": ("source", "page_size"), "concurrency": ("download", "concurrency"),
     "workers": ("convert", "workers"), "dtype": ("convert", "dtype"), "orientation": ("convert", "orientation"),
     "space": ("convert", "space"), "expansion": ("convert", "expansion"), "volumes": ("convert", "volumes"),
-    "name_template": ("convert", "name_template"), "keep_zips": ("output", "keep_zips"),
+    "name_template": ("convert", "name_template"), "keep_zips": ("output", "keep_zips"), "formats": ("output", "formats"),
     "out": ("output", "out"), "log_format": ("pipeline", "log_format"),
 }
 

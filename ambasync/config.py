@@ -21,10 +21,12 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .geometry import ORIENTATIONS, SPACES
+from .limits import MAX_BODY_BYTES
 from .minc import DTYPES
 
 PLANES = ("coronal", "sagittal")
 VOLUMES = ("energy", "density", "intensity")
+FORMATS = ("minc", "nifti", "cube")  # what a run writes; each has a writer (writers.py) and hooks (outputs.py)
 LOG_FORMATS = ("text", "json")
 ENV_PREFIX = "AMBASYNC_"
 DEFAULT_CONFIG_TEXT = Path(__file__).with_name("default_config.toml")
@@ -48,7 +50,7 @@ class DownloadConfig:
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
     total_timeout: float = 300.0
-    max_zip_bytes: int = 64 * 1024 * 1024
+    max_zip_bytes: int = MAX_BODY_BYTES
     attempts: int = 5
     backoff_base: float = 1.0
     backoff_max: float = 60.0
@@ -65,12 +67,13 @@ class ConvertConfig:
     dtype: str = "ushort"
     volumes: list[str] = field(default_factory=lambda: ["energy"])
     name_template: str = "{gene}_{experiment_id}.mnc"
-    max_raw_bytes: int = 64 * 1024 * 1024
+    max_raw_bytes: int = MAX_BODY_BYTES
 
 
 @dataclass
 class OutputConfig:
     out: str = "data"
+    formats: list[str] = field(default_factory=lambda: ["minc"])
     keep_zips: bool = False
     cache_dir: str = ""
 
@@ -207,6 +210,10 @@ def _validate(cfg: Config, origins: Mapping[tuple[str, str], str] | None = None)
         value = getattr(getattr(cfg, section), key)
         if value < 0:
             raise ConfigError(f"{section}.{key}: must not be negative, got {value!r}{where(section, key)}")
+    formats = cfg.output.formats
+    if not formats or any(f not in FORMATS for f in formats) or len(set(formats)) != len(formats):
+        raise ConfigError(f"output.formats: {formats!r} must be a non-empty list of distinct formats among "
+                          f"{', '.join(FORMATS)}")
     bad_volumes = [v for v in cfg.convert.volumes if v not in VOLUMES]
     if bad_volumes or not cfg.convert.volumes:
         raise ConfigError(f"convert.volumes: {cfg.convert.volumes!r} must be a non-empty list of {', '.join(VOLUMES)}")

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .names import output_name
 from .paths import Paths
 from .settings import output_formats
-from .target import Target
+from .target import FILE_SUFFIXES, Target
 
 if TYPE_CHECKING:
     from .outcome import Done, Job
@@ -44,20 +44,25 @@ class OutputFormat(Protocol):
 
 
 @dataclass(frozen=True)
-class MincOutput:
-    """``{plane}/{name_template}`` per volume; needs no hook."""
+class FileOutput:
+    """One file per experiment and volume, ``{plane}/{name_template}`` with the format's suffix
+    (MINC ``.mnc``, NIfTI ``.nii.gz``): the same name, so both formats sort side by side. Needs
+    no hook: the state records each file."""
 
-    name_template: str
+    name: str  # the format, a key of target.FILE_SUFFIXES
+    name_template: str  # validated to end in .mnc (config)
     volumes: tuple[str, ...]
-    name: str = "minc"
 
     @classmethod
-    def from_config(cls, cfg: Config, paths: Paths) -> "MincOutput":
-        return cls(cfg.convert.name_template, tuple(cfg.convert.volumes))
+    def for_format(cls, name: str) -> Callable[[Config, Paths], "FileOutput"]:
+        return lambda cfg, paths: cls(name, cfg.convert.name_template, tuple(cfg.convert.volumes))
 
     def targets(self, row: Row, plane: str) -> tuple[Target, ...]:
-        return tuple(Target(volume, f"{plane}/{output_name(self.name_template, row.gene, row.experiment_id, plane, volume)}")
-                     for volume in self.volumes)
+        suffix = FILE_SUFFIXES[self.name]
+        return tuple(
+            Target(volume, f"{plane}/{output_name(self.name_template, row.gene, row.experiment_id, plane, volume)[:-4]}"
+                           f"{suffix}", self.name)
+            for volume in self.volumes)
 
     def before_submit(self, job: Job) -> Job:
         return job
@@ -70,7 +75,8 @@ class MincOutput:
 
 
 # Format name -> its main-process side, made from the run's settings.
-OUTPUTS: dict[str, Callable[[Config, Paths], OutputFormat]] = {"minc": MincOutput.from_config}
+OUTPUTS: dict[str, Callable[[Config, Paths], OutputFormat]] = {
+    "minc": FileOutput.for_format("minc"), "nifti": FileOutput.for_format("nifti")}
 
 
 class Outputs:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .target import Target
+from .target import Target, file_format
 
 
 class Status(str, enum.Enum):
@@ -43,4 +43,4 @@ class Record:
     @property
     def targets(self) -> tuple[Target, ...]:
         """Where its files are, sorted as the run's targets are."""
-        return tuple(sorted(Target(o.volume, o.path) for o in self.outputs))
+        return tuple(sorted(Target(o.volume, o.path, file_format(o.path)) for o in self.outputs))

@@ -50,7 +50,5 @@ class ConvertSettings:
 
 
 def output_formats(cfg: Config) -> tuple[str, ...]:
-    """The run's output formats (config ``[output] formats``, default MINC alone).
-
-    Read with getattr until config.py declares the key (OutputConfig.formats)."""
-    return tuple(getattr(cfg.output, "formats", None) or ("minc",))
+    """The run's output formats (config ``[output] formats``, default MINC alone)."""
+    return tuple(cfg.output.formats)

@@ -19,6 +19,16 @@ from typing import Any, Iterable, Iterator
 from .catalog import COLUMNS
 from .record import Output, Record, Status  # the state's values, importable from here too
 
+OUTPUTS_TABLE = """
+CREATE TABLE IF NOT EXISTS outputs (
+    experiment_id INTEGER NOT NULL REFERENCES experiments(experiment_id) ON DELETE CASCADE,
+    volume TEXT NOT NULL,
+    path TEXT NOT NULL,                 -- relative to the output folder
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (experiment_id, path)   -- one row per file: a volume may be written as MINC and NIfTI
+);
+"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
     experiment_id INTEGER PRIMARY KEY,
@@ -40,14 +50,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     last_seen_run INTEGER,
     updated REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS outputs (
-    experiment_id INTEGER NOT NULL REFERENCES experiments(experiment_id) ON DELETE CASCADE,
-    volume TEXT NOT NULL,
-    path TEXT NOT NULL,                 -- relative to the output folder
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    PRIMARY KEY (experiment_id, volume)
-);
+""" + OUTPUTS_TABLE + """
 CREATE TABLE IF NOT EXISTS runs (
     run_id INTEGER PRIMARY KEY AUTOINCREMENT,
     pid INTEGER NOT NULL,
@@ -61,6 +64,21 @@ CREATE TABLE IF NOT EXISTS runs (
 MANIFEST_EXTRA = ("volume", "status", "path", "sha256", "error")
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a state written by an earlier version up to SCHEMA, in one transaction.
+
+    Before NIfTI output, ``outputs`` was keyed by (experiment, volume); a volume written in two
+    formats needs (experiment, path). Same columns, so the rows are copied as they are."""
+    key = [r[1] for r in sorted(db.execute("PRAGMA table_info(outputs)"), key=lambda r: r[5]) if r[5]]
+    if key != ["experiment_id", "volume"]:
+        return
+    with db:
+        db.execute("ALTER TABLE outputs RENAME TO outputs_by_volume")
+        db.executescript(OUTPUTS_TABLE)
+        db.execute("INSERT INTO outputs SELECT experiment_id, volume, path, sha256, size FROM outputs_by_volume")
+        db.execute("DROP TABLE outputs_by_volume")
+
+
 class State:
     def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
@@ -72,6 +90,7 @@ class State:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            _migrate(self.db)
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.row_factory = sqlite3.Row
 
@@ -125,7 +144,7 @@ class State:
             return None
         outputs = [
             Output(o["volume"], o["path"], o["sha256"], o["size"])
-            for o in self.db.execute("SELECT * FROM outputs WHERE experiment_id = ? ORDER BY volume", (experiment_id,))
+            for o in self.db.execute("SELECT * FROM outputs WHERE experiment_id = ? ORDER BY volume, path", (experiment_id,))
         ]
         return Record(
             experiment_id=row["experiment_id"], gene=row["gene"], plane=row["plane"], status=Status(row["status"]),
@@ -219,7 +238,7 @@ class State:
         """One row per output file, plus one per experiment without files, catalogue columns first."""
         query = """SELECT e.experiment_id, e.catalog, e.status, e.error, o.volume, o.path, o.sha256
                    FROM experiments e LEFT JOIN outputs o USING (experiment_id)
-                   ORDER BY e.experiment_id, o.volume"""
+                   ORDER BY e.experiment_id, o.volume, o.path"""
         for row in self.db.execute(query):
             catalog = json.loads(row["catalog"])
             out = {col: catalog.get(col) for col in COLUMNS}

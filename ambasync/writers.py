@@ -41,5 +41,17 @@ class MincWriter:
         return write_volume(data, geometry, out / target.path, self.settings.dtype)
 
 
+@dataclass(frozen=True)
+class NiftiWriter:
+    """``{out}/{target.path}``, NIfTI-1 (gzip) with the MINC file's voxels and world, as ``settings.dtype``."""
+
+    settings: ConvertSettings
+
+    def write(self, data: np.ndarray, geometry: Geometry, target: Target, out: Path) -> Written:
+        from .nifti import write_nifti  # preloaded in workers (convert.PRELOAD)
+
+        return write_nifti(data, geometry, out / target.path, self.settings.dtype)
+
+
 # Format name -> how the worker makes its writer from the run's settings.
-WRITERS: dict[str, Callable[[ConvertSettings], OutputWriter]] = {"minc": MincWriter}
+WRITERS: dict[str, Callable[[ConvertSettings], OutputWriter]] = {"minc": MincWriter, "nifti": NiftiWriter}

@@ -73,3 +73,30 @@ def test_the_default_is_minc_alone_and_an_unknown_format_is_one_clear_error(tmp_
     cfg.output.formats = ["minc", "nifti-typo"]  # what [output] formats will set
     with pytest.raises(ConfigError, match="output.formats: nifti-typo unknown; use any of minc"):
         Outputs.for_config(cfg, Paths(tmp_path))
+
+
+async def test_a_run_writes_nifti_beside_minc_with_the_same_world_and_the_next_night_fetches_nothing(tmp_path):
+    """ANTs/FSL users get `{gene}_{id}.nii.gz`: a voxel's world position and value must be the
+    MINC file's, and asking for NIfTI must not make every night a full download."""
+    import nibabel
+
+    from ambasync.replica import ReplicaConfig, serve
+    from conftest import manifest, mirror
+
+    async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0)) as (rep, url):
+        first = await mirror(url, tmp_path, output__formats=["minc", "nifti"], convert__dtype="float")
+        second = await mirror(url, tmp_path, output__formats=["minc", "nifti"], convert__dtype="float")
+    assert first.exit_code == 0 and first.done == 5 and second.done == 0 and second.skipped == 5
+    table = manifest(tmp_path)
+    stems = table.path.str.replace(r"\.(mnc|nii\.gz)$", "", regex=True).value_counts()
+    assert len(stems) == 5 and set(stems) == {2}  # every experiment: one .mnc and one .nii.gz
+    eid = 74272479
+    minc, geo = read_minc(tmp_path / f"coronal/Nrp1_{eid}.mnc")
+    img = nibabel.load(tmp_path / f"coronal/Nrp1_{eid}.nii.gz")
+    voxels = np.asarray(img.dataobj)
+    exact = notebook_ras(raw_from_zip(REAL_ZIPS[eid]))
+    for k, j, i in [(0, 0, 0), (20, 33, 29), (40, 66, 57), (5, 60, 3)]:  # (zspace, yspace, xspace) indices
+        world_minc = np.array([geo["starts"][2] + 0.2 * i, geo["starts"][1] + 0.2 * j, geo["starts"][0] + 0.2 * k])
+        world_nifti = img.affine @ np.array([i, j, k, 1.0])
+        np.testing.assert_allclose(world_nifti[:3], world_minc, atol=1e-5)
+        assert voxels[i, j, k] == minc[k, j, i] == exact[k, j, i]  # float: exact in both

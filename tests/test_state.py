@@ -65,3 +65,27 @@ def test_a_read_only_state_reads_but_cannot_write(tmp_path):
             ro.start_run()
     finally:
         ro.close()
+
+
+def test_a_state_from_before_nifti_is_migrated_and_keeps_every_file_record(tmp_path):
+    """An existing mirror upgraded to this version must not re-download the atlas: its state,
+    keyed by (experiment, volume), becomes keyed by file, rows intact, and is not 'damaged'."""
+    from ambasync.recover import Health, check_state
+    from ambasync.state import SCHEMA
+
+    path = tmp_path / "state.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA.replace("PRIMARY KEY (experiment_id, path)", "PRIMARY KEY (experiment_id, volume)"))
+    old.execute("INSERT INTO experiments (experiment_id, gene, plane, catalog, status, first_seen, updated) "
+                "VALUES (1, 'Avp', 'coronal', '{}', 'done', 0, 0)")
+    old.execute("INSERT INTO outputs VALUES (1, 'energy', 'coronal/Avp_1.mnc', ?, 123)", ("f" * 64,))
+    old.commit()
+    old.close()
+    state = State(path)
+    state.mark_done(1, [Output("energy", "coronal/Avp_1.mnc", "f" * 64, 123),
+                        Output("energy", "coronal/Avp_1.nii.gz", "e" * 64, 99)], "RAS/MICe/x1/float", 1,
+                    None, None, None, None)
+    assert [(t.path, t.format) for t in state.get(1).targets] == [("coronal/Avp_1.mnc", "minc"),
+                                                                   ("coronal/Avp_1.nii.gz", "nifti")]
+    state.close()
+    assert check_state(path).health is Health.INTACT
