@@ -463,7 +463,10 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
     labels = table = None
     if recipe.labels:
         table_df = _read_table(recipe.label_table, ("Structure", "Label"), "label table")
-        table = {int(lab): str(s) for s, lab in zip(table_df["Structure"], table_df["Label"]) if int(lab) != 0}
+        try:
+            table = {int(lab): str(s) for s, lab in zip(table_df["Structure"], table_df["Label"]) if int(lab) != 0}
+        except (TypeError, ValueError):
+            raise _error(f"label table {recipe.label_table}: column Label must hold whole numbers") from None
         labels = _labels_on_grid(recipe, ds)
 
     t0 = time.monotonic()
