@@ -70,9 +70,11 @@ class NullSpectrum:
     shape: tuple[int, int, int]
 
 
-def null_spectrum(values: np.ndarray, mask: np.ndarray,
-                  max_lag_fraction: float = DEFAULT_MAX_LAG_FRACTION) -> NullSpectrum:
-    """The amplitude spectrum of nulls with the autocovariance of ``values`` inside ``mask``."""
+def null_spectrum(values: np.ndarray, mask: np.ndarray, max_lag_fraction: float = DEFAULT_MAX_LAG_FRACTION,
+                  correct_overlap: bool = True) -> NullSpectrum:
+    """The amplitude spectrum of nulls with the autocovariance of ``values`` inside ``mask``.
+    ``correct_overlap=False`` gives plain phase randomisation of the zero-filled map (each lag
+    divided by all the mask's voxels, not by the pairs at that lag): kept to measure it against."""
     mask = np.asarray(mask, dtype=bool)
     inside = np.asarray(values, dtype=np.float64)[mask]
     extent = [np.ptp(np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]) + 1 for d in range(3)]
@@ -87,7 +89,7 @@ def null_spectrum(values: np.ndarray, mask: np.ndarray,
     inmask[box][mask] = 1.0
     cov = sfft.irfftn(np.abs(sfft.rfftn(field)) ** 2, s=shape)
     pairs = np.rint(sfft.irfftn(np.abs(sfft.rfftn(inmask)) ** 2, s=shape))
-    cov = np.where(pairs >= 1, cov / np.maximum(pairs, 1), 0.0)
+    cov = np.where(pairs >= 1, cov / (np.maximum(pairs, 1) if correct_overlap else inside.size), 0.0)
     for d in range(3):  # taper to 0 at max_lag: the longer (wrapped) lags are dropped
         cov *= _taper(_lags(shape[d]), max_lag[d] / 2, max_lag[d]).reshape([-1 if a == d else 1 for a in range(3)])
     power = np.clip(sfft.rfftn(cov).real, 0.0, None)  # an even function: real spectrum; clip estimation noise

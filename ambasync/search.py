@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ConfigError
 from .files import atomic_path
@@ -37,7 +37,7 @@ DEFAULT_MASK = "brain"  # voxels with data in any experiment of the cube
 DEFAULT_NULLS = 1000  # p-values down to 1/1001
 DEFAULT_SEED = 0  # the nulls' seed: the same map and seed give the same p-values anywhere
 NULLS_PER_TASK = 125  # nulls made per dask task: 8 tasks for the default, so every core gets some
-BLOCK_BYTES = 64 << 20  # cube grids (float32) read and scored per task: ~100 experiments at 200 µm
+BLOCK_BYTES = 32 << 20  # cube grids (float32) read and scored per task: ~50 experiments at 200 µm
 TOP_PLOTTED = 4  # experiments whose slices --plot shows beside the map
 TOP_BARS = 20  # bars in --plot's ranked chart
 EXPERIMENT_COLUMNS = ("experiment_id", "gene", "plane", "r", "p_spatial", "q", "n_voxels", "p_naive", "gene_name")
@@ -115,22 +115,26 @@ def experiment_blocks(expression: Any, block_bytes: int = BLOCK_BYTES) -> list[A
     return list(expression.rechunk({0: n, 1: -1, 2: -1, 3: -1}).to_delayed().ravel())
 
 
-def _design(map_values: np.ndarray, nulls: list[np.ndarray], method: str) -> np.ndarray:
-    """Voxels × (map, nulls...) as block_correlations wants them (ranked for spearman)."""
+def _design(map_values: np.ndarray, nulls: list[np.ndarray], method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels × (map, nulls...) as block_correlations wants them (ranked for spearman), and its
+    square, made once for all blocks (each ~250 MB at 1,000 nulls: float32 throughout)."""
     import numpy as np
 
     from .search_stats import ranks, standardise_columns
 
     y = np.column_stack([np.asarray(map_values, dtype=np.float32), *nulls])
     if method == "spearman":
-        y = ranks(y.T).T
+        for j in range(y.shape[1]):  # a column at a time: float64 ranks of all would be 500 MB
+            y[:, j] = ranks(y[:, j])
     return standardise_columns(y)
 
 
-def _score_block(block: np.ndarray, voxels: np.ndarray, y: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+def _score_block(block: np.ndarray, voxels: np.ndarray, design: tuple[np.ndarray, np.ndarray],
+                 method: str) -> tuple[np.ndarray, np.ndarray]:
     from .search_stats import block_correlations
 
-    return block_correlations(block.reshape(block.shape[0], -1)[:, voxels], y, method)
+    y, y2 = design
+    return block_correlations(block.reshape(block.shape[0], -1)[:, voxels], y, method, y2=y2)
 
 
 def _means_block(block: np.ndarray, voxels: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -140,16 +144,24 @@ def _means_block(block: np.ndarray, voxels: np.ndarray, target: np.ndarray) -> t
     return (*block_means(flat, target), *block_means(flat, ~target))
 
 
-def _compute(tasks: list[Any], scheduler: str | None, what: str, progress: bool) -> list[Any]:
-    """Compute delayed ``tasks`` where ``scheduler`` says (atlas.compute_on); a bar on a terminal."""
+def _compute(make_tasks: Callable[[Any], list[Any]], scheduler: str | None, what: str, progress: bool,
+             first: Any = None) -> list[Any]:
+    """Compute ``make_tasks(first)`` where ``scheduler`` says (atlas.compute_on); a bar on a terminal.
+
+    ``first`` (a delayed) is persisted before the tasks are made: computed once and kept where
+    it was computed (this process, or the cluster's workers). Otherwise the scheduler would read
+    cube blocks ahead, into memory, while the nulls are still being made."""
     import dask
 
     from .atlas import compute_on
 
     start = time.monotonic()
-    if progress:
-        log.info("%s: %d tasks", what, len(tasks))
     with compute_on(scheduler) as client:
+        if first is not None:
+            (first,) = dask.persist(first)
+        tasks = make_tasks(first)
+        if progress:
+            log.info("%s: %d blocks", what, len(tasks))
         if client is None and progress and sys.stderr.isatty():
             from dask.diagnostics import ProgressBar
 
@@ -226,8 +238,10 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
     y = dask.delayed(_design, pure=True)(map_values, batches, method)
     voxels = dask.delayed(np.flatnonzero(voxels_mask.ravel()))
     blocks = experiment_blocks(ds["expression"].data)
-    scored = _compute([dask.delayed(_score_block, pure=True)(b, voxels, y, method) for b in blocks], scheduler,
-                      f"scoring {ds.sizes['experiment']} experiments against the map and {nulls} nulls", progress)
+    scored = _compute(lambda design: [dask.delayed(_score_block, pure=True)(b, voxels, design, method)
+                                      for b in blocks], scheduler,
+                      f"scoring {ds.sizes['experiment']} experiments against the map and {nulls} nulls", progress,
+                      first=y)
     r = np.concatenate([s[0] for s in scored])
     n = np.concatenate([s[1] for s in scored])
 
@@ -288,7 +302,8 @@ def fold_change(out: str, target: str, contrast: str | None = None, mask: str = 
     voxels = dask.delayed(np.flatnonzero(both.ravel()))
     in_target = dask.delayed(target_mask[both])
     blocks = experiment_blocks(ds["expression"].data)
-    parts = _compute([dask.delayed(_means_block, pure=True)(b, voxels, in_target) for b in blocks], scheduler,
+    parts = _compute(lambda _: [dask.delayed(_means_block, pure=True)(b, voxels, in_target) for b in blocks],
+                     scheduler,
                      f"mean expression of {ds.sizes['experiment']} experiments in the two regions", progress)
     t_mean, t_n, c_mean, c_n = (np.concatenate([p[i] for p in parts]) for i in range(4))
     table = _catalogue(ds)

@@ -44,7 +44,9 @@ def render(path: Path, map_values: np.ndarray, mask: np.ndarray, volumes: list[n
     fig = Figure(figsize=FIGSIZE_IN, dpi=DPI)
     FigureCanvasAgg(fig)
     rows = 1 + len(volumes)
-    grid = fig.add_gridspec(rows, 4, width_ratios=[1, 1, 1, 1.6], wspace=0.15, hspace=0.35)
+    # Columns: three slices, a gap for the bar labels, the bars.
+    grid = fig.add_gridspec(rows, 5, width_ratios=[1, 1, 1, 0.5, 1.5], wspace=0.08, hspace=0.3,
+                            left=0.02, right=0.98, top=0.95, bottom=0.06)
     point = slice_point(map_values, mask)
     shown = np.where(mask, map_values, np.nan)
     limit = float(np.nanmax(np.abs(shown))) or 1.0
@@ -64,7 +66,7 @@ def render(path: Path, map_values: np.ndarray, mask: np.ndarray, volumes: list[n
                 ax.set_title(title, fontsize=10)
             if row == 0:
                 ax.set_xlabel(names[col], fontsize=8)
-    bars = fig.add_subplot(grid[:, 3])
+    bars = fig.add_subplot(grid[:, 4])
     labels = [f"{g} ({i})" for g, i in zip(top["gene"], top["experiment_id"])]
     r = np.asarray(top["r"], dtype=float)
     positions = np.arange(len(r))[::-1]

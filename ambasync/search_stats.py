@@ -31,17 +31,32 @@ def ranks(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     return np.where(valid, out, 0.0)
 
 
-def standardise_columns(y: np.ndarray) -> np.ndarray:
-    """Columns centred and scaled to unit norm (float32): keeps the float32 sums of
-    :func:`block_correlations` accurate (no large means to cancel)."""
-    y = np.asarray(y, dtype=np.float64)
-    y = y - y.mean(axis=0)
-    norm = np.linalg.norm(y, axis=0)
-    return (y / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+def _column_sums(y: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """Column sums in float64, ``rows`` at a time (numpy casts a whole float32 array to sum it
+    in float64 along axis 0: 500 MB at 1,001 maps)."""
+    total = np.zeros(y.shape[1])
+    for i in range(0, len(y), rows):
+        total += y[i:i + rows].sum(axis=0, dtype=np.float64)
+    return total
+
+
+def standardise_columns(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns centred and scaled to unit norm, and their squares: what
+    :func:`block_correlations` takes. float32, in place when ``y`` is float32 (it can be
+    1,001 maps × 60,000 voxels, 250 MB); the means and norms are summed in float64, and
+    centring keeps the float32 products accurate (no large means to cancel)."""
+    y = np.asarray(y, dtype=np.float32)
+    y -= (_column_sums(y) / len(y)).astype(np.float32)
+    y2 = y * y
+    squares = _column_sums(y2)
+    squares[squares == 0] = 1.0
+    y /= np.sqrt(squares).astype(np.float32)
+    y2 /= squares.astype(np.float32)
+    return y, y2
 
 
 def block_correlations(block: np.ndarray, y: np.ndarray, method: str = "pearson",
-                       min_voxels: int = MIN_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+                       min_voxels: int = MIN_VOXELS, y2: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Correlation of each experiment (rows of ``block``, the mask's voxels, ``-1`` = no
     data) with each column of ``y`` (voxels × maps: the user's map, then its nulls),
     each over the voxels where the experiment has data.
@@ -50,6 +65,7 @@ def block_correlations(block: np.ndarray, y: np.ndarray, method: str = "pearson"
     ranks over the mask (:func:`ranks`): Pearson's r of ranks, which is Spearman's rho
     exactly where the experiment covers the mask. Returns (r: experiments × maps, float64,
     NaN where fewer than ``min_voxels`` voxels or a constant experiment; n: voxels used).
+    ``y2`` is ``y * y`` when the caller keeps it for many blocks.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -61,10 +77,12 @@ def block_correlations(block: np.ndarray, y: np.ndarray, method: str = "pearson"
     centred = np.where(valid, x - mean[:, None], 0.0)
     sxx = (centred ** 2).sum(axis=1)
     y = np.asarray(y, dtype=np.float32)
-    w = valid.astype(np.float32)
-    sy = (w @ y).astype(np.float64)
-    syy = (w @ (y * y)).astype(np.float64)
-    sxy = (centred.astype(np.float32) @ y).astype(np.float64)
+    # The products as (voxels × maps)ᵀ @ (experiments × voxels)ᵀ: OpenBLAS runs this layout
+    # several times faster than block @ y for a few dozen rows against 60,000 voxels.
+    left = np.concatenate([valid, centred], axis=0).astype(np.float32).T
+    both = (y.T @ left).T.astype(np.float64)
+    sy, sxy = both[:len(block)], both[len(block):]
+    syy = ((y * y if y2 is None else y2).T @ left[:, :len(block)]).T.astype(np.float64)
     vy = syy - sy ** 2 / np.maximum(n, 1)[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         r = sxy / np.sqrt(sxx[:, None] * vy)

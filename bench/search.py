@@ -1,0 +1,182 @@
+"""Benchmark of ``ambasync search``: speed and memory from fresh processes, and the calibration
+of its p-values.
+
+    python -m bench.search [--rank 1000,2000] [--nulls-experiments 400] [--nulls 1000]
+                           [--maps 100] [--calibration-nulls 100] [--json out.json]
+
+* ``rank``: one map against every experiment of cubes of ``--rank`` sizes (the replica's
+  grids, cycled from 64 variants), ``--nulls 0``, end to end from a fresh process (Python
+  start-up included): wall time and peak RSS of the process tree, against the faithful
+  baseline a user would write (read each experiment from the cube with xarray, ``np.corrcoef``
+  over its voxels with data); the time is extrapolated linearly to the 26,078 experiments
+  of the atlas (the work is one pass over the cube's chunks).
+* ``nulls``: the default 1,000 nulls on ``--nulls-experiments`` experiments, fresh process.
+* ``calibration``: the share of p < 0.05 over ``--maps`` smooth random maps against smooth
+  experiments (Gaussian-filtered noise in the real template brain mask, as tests/test_search.py),
+  for the nulls ambasync uses, for plain phase randomisation (no overlap correction) and for the
+  textbook parametric p-value, at two smoothness settings. Computed with ambasync's own
+  statistics functions on arrays (no cube needed: the same code the command runs per block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.matrix import CORONAL_MASK, VARIANTS, _experiments, write_cube
+from bench.run import PY, measure
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # conftest's MINC reader: one copy
+TEMPLATE_MASK = REPO / "tests" / "fixtures" / "average_template_200um_mask.mnc"
+ATLAS_EXPERIMENTS = 26_078
+STARTS, STEP = (-2.7, -7.9, -5.7), 0.2  # the cube's grid (zspace, yspace, xspace)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    from conftest import read_minc
+
+    return read_minc(path)[0] > 0.5
+
+
+def _smooth(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / field.std()
+
+
+def _save_map(volume: np.ndarray, path: Path) -> Path:
+    import nibabel
+
+    affine = np.diag([STEP, STEP, STEP, 1.0])
+    affine[:3, 3] = STARTS[::-1]
+    nibabel.save(nibabel.Nifti1Image(np.transpose(volume, (2, 1, 0)).astype(np.float32), affine), str(path))
+    return path
+
+
+def child_baseline(out: str, map_path: str) -> None:
+    """The loop a user would write: each experiment read from the cube, correlated over its voxels."""
+    import nibabel
+    import xarray as xr
+
+    mask = _read_mask(CORONAL_MASK)
+    y = np.transpose(np.asarray(nibabel.load(map_path).dataobj, dtype=np.float64), (2, 1, 0))
+    ds = xr.open_zarr(f"{out}/cube.zarr")
+    r = []
+    for i in range(ds.sizes["experiment"]):
+        x = ds["expression"].isel(experiment=i).values
+        use = mask & (x != -1)
+        r.append(np.corrcoef(x[use], y[use])[0, 1])
+    print(len(r), file=sys.stderr)
+
+
+def bench_rank(work: Path, sizes: list[int]) -> list[dict]:
+    rng = np.random.default_rng(0)
+    map_path = _save_map(np.where(_read_mask(CORONAL_MASK), _smooth(rng, (41, 67, 58), 2.5), 0.0), work / "map.nii")
+    rows = []
+    for n in sizes:
+        cube = work / f"rank{n}"
+        t = time.perf_counter()
+        write_cube(cube, _experiments(n, VARIANTS))
+        print(f"cube of {n} experiments written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        ours = measure("search --nulls 0", [PY, "-m", "ambasync", "search", str(map_path), "--out", str(cube),
+                                            "--to", str(work / "r.csv"), "--nulls", "0", "--mask", "coronal", "-q"], n)
+        base = measure("baseline loop", [PY, "-m", "bench.search", "--child-baseline", str(cube), str(map_path)], n)
+        rows.append({"experiments": n, "search_s": ours.wall_s, "search_rss_mb": ours.peak_rss_mb,
+                     "baseline_s": base.wall_s, "baseline_rss_mb": base.peak_rss_mb,
+                     "speedup": round(base.wall_s / ours.wall_s, 2),
+                     "search_s_at_atlas": round(ours.wall_s * ATLAS_EXPERIMENTS / n, 1)})
+        print(rows[-1], file=sys.stderr)
+        shutil.rmtree(cube)
+    return rows
+
+
+def bench_nulls(work: Path, n: int, nulls: int) -> dict:
+    rng = np.random.default_rng(1)
+    map_path = _save_map(np.where(_read_mask(TEMPLATE_MASK), _smooth(rng, (41, 67, 58), 2.5), 0.0), work / "m.nii")
+    cube = work / f"nulls{n}"
+    write_cube(cube, _experiments(n, VARIANTS))
+    result = measure(f"search --nulls {nulls}", [PY, "-m", "ambasync", "search", str(map_path), "--out", str(cube),
+                                                 "--to", str(work / "n.csv"), "--nulls", str(nulls), "-q"], n)
+    shutil.rmtree(cube)
+    row = {"experiments": n, "nulls": nulls, "wall_s": result.wall_s, "peak_rss_mb": result.peak_rss_mb,
+           "cpu_s": result.cpu_s}
+    print(row, file=sys.stderr)
+    return row
+
+
+def bench_calibration(maps: int, nulls: int, settings: list[tuple[float, float]], experiments: int = 20) -> list[dict]:
+    """Share of p < 0.05 over ``maps`` independent smooth maps × ``experiments`` smooth experiments."""
+    from ambasync.nulls import null_spectrum, phase_randomised
+    from ambasync.search_stats import block_correlations, parametric_p, spatial_p, standardise_columns
+
+    mask = _read_mask(TEMPLATE_MASK)
+    rows = []
+    for sigma_map, sigma_exp in settings:
+        rng = np.random.default_rng(42)
+        block = np.stack([np.where(mask, 3 + _smooth(rng, mask.shape, sigma_exp), -1.0)[mask]
+                          for _ in range(experiments)])
+        counts = {"ambasync": 0, "plain_phase_randomisation": 0, "parametric": 0}
+        total = 0
+        start = time.perf_counter()
+        for m in range(maps):
+            volume = _smooth(rng, mask.shape, sigma_map)
+            for name, correct in (("ambasync", True), ("plain_phase_randomisation", False)):
+                spectrum = null_spectrum(volume, mask, correct_overlap=correct)
+                y = np.column_stack([volume[mask], phase_randomised(volume, mask, nulls, m, spectrum=spectrum)])
+                y, y2 = standardise_columns(y)
+                r, n = block_correlations(block, y, y2=y2)
+                counts[name] += int((spatial_p(r) < 0.05).sum())
+            counts["parametric"] += int((parametric_p(r[:, 0], n) < 0.05).sum())
+            total += experiments
+        row = {"sigma_map_voxels": sigma_map, "sigma_experiments_voxels": sigma_exp, "maps": maps,
+               "experiments": experiments, "nulls": nulls, "tests": total,
+               **{f"p<0.05 {k}": round(v / total, 4) for k, v in counts.items()},
+               "seconds": round(time.perf_counter() - start, 1)}
+        print(row, file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rank", default="1000,2000", help="cube sizes for the ranking without nulls")
+    p.add_argument("--nulls-experiments", type=int, default=400)
+    p.add_argument("--nulls", type=int, default=1000)
+    p.add_argument("--maps", type=int, default=100, help="smooth random maps for the calibration")
+    p.add_argument("--calibration-nulls", type=int, default=100)
+    p.add_argument("--only", choices=("rank", "nulls", "calibration"), help="one measurement only")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--child-baseline", nargs=2, metavar=("CUBE", "MAP"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_baseline:
+        child_baseline(*args.child_baseline)
+        return 0
+    report: dict = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-search-"))
+    try:
+        if args.only in (None, "calibration"):
+            report["calibration"] = bench_calibration(args.maps, args.calibration_nulls, [(2.5, 2.5), (4.0, 1.5)])
+        if args.only in (None, "nulls"):
+            report["nulls"] = bench_nulls(work, args.nulls_experiments, args.nulls)
+        if args.only in (None, "rank"):
+            report["rank"] = bench_rank(work, [int(n) for n in args.rank.split(",")])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
