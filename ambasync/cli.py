@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from . import __version__, early_signals
 from .config import DEFAULT_CONFIG_TEXT, LOG_FORMATS, PLANES, VOLUMES, Config, load_config
-from .errors import EXIT_OK, EXIT_USAGE, RunError, exit_codes_text
+from .errors import EXIT_OK, EXIT_SIGINT, EXIT_USAGE, RunError, exit_codes_text
 from .geometry import ORIENTATIONS, SPACES
 from .minc import DTYPES
 from .matrix import add_parser as add_matrix_parser, cmd_matrix
@@ -134,10 +135,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         from .convert import start_forkserver
 
-        start_forkserver()  # its imports overlap ours (below) on another core
+        with early_signals.sigint_ignored():  # a Ctrl-C while it imports: no traceback from it
+            start_forkserver()  # its imports overlap ours (below) on another core
     from .options import RunOptions
     from .run import run_mirror
 
+    if args.dry_run:  # writes nothing, so needs no clean stop: Python's defaults
+        if (interrupted := early_signals.restore()) is not None:
+            return _interrupted_at_start(interrupted)
+    elif signal.SIGINT in early_signals.noted():  # Ctrl-C before the run began: one line, nothing done
+        early_signals.restore()
+        return _interrupted_at_start(signal.SIGINT)
     setup_logging(cfg.pipeline.log_format, args.verbosity)
     opts = RunOptions(force=args.force, verify=args.verify, prune=args.prune, dry_run=args.dry_run,
                       retry_failed=args.retry_failed, quiet=args.quiet)
@@ -196,17 +204,27 @@ COMMANDS = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "replica
             "search": cmd_search}
 
 
+def _interrupted_at_start(sig: signal.Signals) -> int:
+    print(f"ambasync: interrupted by {sig.name} while starting; nothing was done", file=sys.stderr)
+    return early_signals.EXIT_CODES[sig]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.verbosity = -1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0)
-    setup_logging(getattr(args, "log_format", None) or "text", args.verbosity)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command != "run":  # only a run stops cleanly on a signal noted while starting
+            interrupted = early_signals.restore()
+            if interrupted is not None:
+                return _interrupted_at_start(interrupted)
+        args.verbosity = -1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0)
+        setup_logging(getattr(args, "log_format", None) or "text", args.verbosity)
         return COMMANDS[args.command](args)
     except RunError as exc:
         print(f"ambasync: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        print("ambasync: interrupted by SIGINT", file=sys.stderr)
+        return EXIT_SIGINT
 
 

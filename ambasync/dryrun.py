@@ -14,8 +14,10 @@ from .config import Config
 from .decide import Action, Policy, judge
 from .errors import UpstreamError
 from .options import RunOptions
+from .outdir import check_output_folder
 from .outputs import Outputs
 from .paths import Paths
+from .recover import refuse_damaged
 from .report import Progress, Summary
 from .select import Selection, selected
 from .settings import ConvertSettings
@@ -29,6 +31,8 @@ ZIP_SIZE_ESTIMATE = 390_000  # bytes, a typical real grid zip (for the estimate 
 
 async def dry_run(cfg: Config, opts: RunOptions) -> Summary:
     paths = Paths.for_config(cfg)
+    check_output_folder(paths.out, create=False, writable=False)
+    refuse_damaged(paths.state, paths.manifest)
     summary = Summary()
     progress = Progress(summary, cfg.pipeline.progress_interval, opts.quiet)
     selection = Selection.for_config(cfg)

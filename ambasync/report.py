@@ -44,6 +44,7 @@ class Summary:
     exit_code: int = 0
     error: str | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    state_recovery: dict[str, Any] | None = None  # a damaged state set aside and rebuilt (recover.Recovery)
 
     @property
     def duration(self) -> float:

@@ -19,20 +19,24 @@ import signal
 import sqlite3
 import time
 
+from . import early_signals
 from .catalog import InvalidRow, Row, Total
 from .config import Config
 from .decide import Action, Policy, judge
 from .errors import EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, UpstreamError, disk_full
 from .files import sweep_tmp
-from .lock import OutputLock
+from .lock import OutputLock, layout_for
 from .manifest import write_manifest
+from .metrics import render, textfile_path, write_textfile
 from .mirror import mirror_one, unexpected
 from .options import RunOptions
 from .outcome import Job
+from .outdir import check_output_folder
 from .outputs import Outputs
 from .paths import Paths
 from .pool import ConversionPool, Converter
 from .recorder import Recorder
+from .recover import recover_state
 from .report import Progress, Summary, write_report
 from .select import Selection, selected
 from .settings import ConvertSettings
@@ -65,37 +69,50 @@ class Run:
         self.report_path = self.paths.report(self.summary.started)
 
     async def run(self) -> Summary:
-        out = self.paths.out
-        out.mkdir(parents=True, exist_ok=True)
+        out = check_output_folder(self.paths.out, create=True)
+        loop = asyncio.get_running_loop()
+        for sig in early_signals.SIGNALS:  # from here on a signal stops the run cleanly
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        if (noted := early_signals.take()) is not None:  # came while ambasync was starting
+            self._on_signal(noted)
         try:
-            with OutputLock(self.paths.lock) as lock:
+            with OutputLock(self.paths.lock, layout=layout_for(self.cfg.shard)) as lock:
                 roots = [out] + ([] if self.paths.zips.is_relative_to(out) else [self.paths.zips])
                 swept = lock.if_alone(lambda: sum(sweep_tmp(d) for d in roots if d.is_dir()))
                 if swept:
                     log.info("removed %d temporary files left by an interrupted run", swept)
                 elif swept is None:
                     log.info("another run (shard) uses %s: its temporary files are left alone", out)
+                recovery = recover_state(self.paths.state, self.paths.manifest, out, self.settings.key())
+                if recovery is not None:
+                    log.warning("%s", recovery.text())
+                    self.summary.state_recovery = recovery.to_dict()
                 state = State(self.paths.state)
                 run_id = state.start_run()
                 recorder = Recorder(state, run_id, self.settings.key(), out, self.summary, self.progress, self.outputs)
                 source = AllenSource.for_config(self.cfg)
                 try:
-                    await self._mirror(source, recorder)
+                    if not self.stop.requested:
+                        await self._mirror(source, recorder)
                 finally:
                     await self._finish(source, recorder)
                 try:
                     await write_report(self.summary, self.report_path)
                 except OSError as exc:
                     log.error("could not write the run report: %s", exc)
+                try:
+                    write_textfile(textfile_path(self.paths.reports, self.paths.suffix),
+                                   render(self.summary, self.cfg.shard))
+                except OSError as exc:
+                    log.error("could not write the metrics textfile: %s", exc)
         finally:
+            for sig in early_signals.SIGNALS:
+                loop.remove_signal_handler(sig)
             self.progress.close()
         return self.summary
 
     async def _mirror(self, source: AllenSource, recorder: Recorder) -> None:
         cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, sig)
         pool = ConversionPool(cfg.workers, WORKER_TASKS * cfg.workers, os.getpid())
         pool.start()  # while the first catalogue page is on its way, not on the first grid
         in_flight = cfg.pipeline.conversions_in_flight or 2 * cfg.workers
@@ -118,8 +135,6 @@ class Run:
                     await asyncio.gather(*self._tasks, *self._jobs, return_exceptions=True)
         finally:
             ticker.cancel()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
             # Conversions already running finish (milliseconds); queued ones are dropped.
             await pool.shutdown()
 

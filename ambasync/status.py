@@ -6,7 +6,9 @@ import datetime as dt
 import json
 
 from .config import Config
+from .outdir import check_output_folder
 from .paths import Paths
+from .recover import refuse_damaged
 from .state import State
 
 
@@ -16,9 +18,11 @@ def _when(ts: float | None) -> str:
 
 def print_status(cfg: Config, failures: int = 20) -> int:
     paths = Paths.for_config(cfg)
+    check_output_folder(paths.out, create=False, writable=False)
     if not paths.state.is_file():
         print(f"no mirror at {paths.out} yet (no {paths.state}); run `python -m ambasync run --out {paths.out}`")
         return 0
+    refuse_damaged(paths.state, paths.manifest)
     state = State(paths.state, readonly=True)
     try:
         print(f"mirror at {paths.out}")

@@ -7,6 +7,7 @@ geometry its settings give is sent back to ``pending``, so the next run (or
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from dataclasses import replace
@@ -15,10 +16,13 @@ from pathlib import Path
 from .config import Config
 from .errors import EXIT_FAILED, EXIT_OK
 from .files import sha256_file
-from .lock import OutputLock
+from .lock import OutputLock, layout_for
+from .manifest import write_manifest
 from .minc import read_volume
 from .options import RunOptions
+from .outdir import check_output_folder
 from .paths import Paths
+from .recover import refuse_damaged
 from .settings import ConvertSettings
 from .record import Output, Status
 from .state import State
@@ -50,13 +54,18 @@ def check_output(out: Path, o: Output, settings: str | None) -> str | None:
 
 
 def verify_mirror(cfg: Config, repair: bool = False) -> int:
+    """Exit code: 0 when every file is what the state says (with ``repair``: once every broken
+    one was fetched again and checked), 1 when some are still broken or waiting."""
     paths = Paths.for_config(cfg)
+    check_output_folder(paths.out, create=False)
     if not paths.state.is_file():
         print(f"nothing to verify: no mirror state at {paths.state}")
         return EXIT_OK
+    refuse_damaged(paths.state, paths.manifest)
     broken: list[int] = []
     checked = 0
-    with OutputLock(paths.lock):  # a run going on would be rewriting what is checked
+    # A run going on would be rewriting what is checked; a run of another layout may not start meanwhile.
+    with OutputLock(paths.lock, layout=layout_for(cfg.shard)):
         state = State(paths.state)
         try:
             for rec in state.iter_done():
@@ -67,16 +76,35 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
                     log.error("experiment %s (%s): %s", rec.experiment_id, rec.gene, "; ".join(problems))
                     state.mark_pending(rec.experiment_id, "verify: " + "; ".join(problems))
             waiting = [eid for eid in state.ids_with_status(Status.PENDING) if eid not in broken]
+            if broken:  # the manifest is the state's export: it must not go on saying "done"
+                asyncio.run(write_manifest(state, paths.manifest))
         finally:
             state.close()
     print(f"verify: {checked} files checked, {len(broken)} experiments broken or missing"
           + (" (marked for the next run)" if broken and not repair else ""))
     if waiting:
         print(f"verify: {len(waiting)} more experiments are waiting to be fetched again (found broken earlier)")
-    if (broken or waiting) and repair:
-        from .run import run_mirror  # only to repair: checking needs no run
+    if not (broken or waiting):
+        return EXIT_OK
+    if not repair:
+        return EXIT_FAILED
+    return _repair(cfg, paths, broken + waiting)
 
-        fix = replace(cfg, source=replace(cfg.source, experiment_ids=broken + waiting, limit=0))
-        summary = run_mirror(fix, RunOptions())
-        print(f"verify --repair: {summary.done} experiments fetched again, {summary.failed} failed")
-    return EXIT_FAILED if broken or waiting else EXIT_OK
+
+def _repair(cfg: Config, paths: Paths, ids: list[int]) -> int:
+    """Fetch ``ids`` again with a run of their own; 0 when each is done afterwards, else the run's
+    code (1 when it ended well but some are still not done: failed, or no longer listed)."""
+    from .run import run_mirror  # only to repair: checking needs no run
+
+    fix = replace(cfg, source=replace(cfg.source, experiment_ids=ids, limit=0))
+    summary = run_mirror(fix, RunOptions())
+    state = State(paths.state, readonly=True)
+    try:
+        not_done = [eid for eid in ids if (rec := state.get(eid)) is None or rec.status is not Status.DONE]
+    finally:
+        state.close()
+    print(f"verify --repair: {summary.done} experiments fetched again, {summary.failed} failed"
+          + (f"; still not done: {', '.join(map(str, not_done[:20]))}" if not_done else ""))
+    if summary.exit_code != EXIT_OK:
+        return summary.exit_code
+    return EXIT_FAILED if not_done else EXIT_OK

@@ -126,15 +126,13 @@ def test_an_unsharded_run_exits_3_while_shards_use_the_folder(tmp_path):
     assert f"pid {os.getpid()}" in proc.stderr and "2 shards" in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="needs the run to pass layout=layout_for(cfg.shard) to OutputLock (the lead "
-                                       "wires it; then remove this marker)")
 def test_a_shard_run_exits_3_while_an_unsharded_run_uses_the_folder(tmp_path):
     whole = lock(tmp_path)
     whole.acquire()
     try:
         proc = subprocess.run(ambasync_cmd("run", "--out", str(tmp_path), "--base-url", "http://127.0.0.1:9",
                                            "--shard", "1/2"), capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "AMBASYNC_DOWNLOAD_ATTEMPTS": "1"})  # today: fails fast on upstream
+                              env={**os.environ, "AMBASYNC_DOWNLOAD_ATTEMPTS": "1"})
     finally:
         whole.release()
     assert proc.returncode == 3, proc.stderr

@@ -58,10 +58,15 @@ def test_status_and_verify_tell_the_truth_and_repair_restores(replica, tmp_path)
     verify = run_cli("verify", "--out", str(tmp_path))
     assert verify.returncode == 1 and "2 experiments broken or missing" in verify.stdout
     assert "missing" in verify.stderr and "sha256 differs" in verify.stderr
+    m = manifest(tmp_path).set_index("experiment_id")  # verify rewrote it: no "done" with the old sha256
+    broken = {int(f.stem.rsplit("_", 1)[1]) for f in files[:2]}
+    assert set(m.index[m["status"] == "pending"]) == broken and m.loc[list(broken), "sha256"].isna().all()
+    assert "verify:" in m.loc[list(broken), "error"].iloc[0]
     status = run_cli("status", "--out", str(tmp_path))
     assert re.search(r"coronal\s+done\s+12\n", status.stdout) and re.search(r"coronal\s+pending\s+2\n", status.stdout)
     repair = run_cli("verify", "--out", str(tmp_path), "--repair", "--base-url", replica.url)
-    assert repair.returncode == 1 and "2 experiments fetched again" in repair.stdout
+    assert repair.returncode == 0, repair.stderr  # every broken file fetched again: success
+    assert "2 experiments fetched again, 0 failed" in repair.stdout
     assert files[0].is_file()
     assert run_cli("verify", "--out", str(tmp_path)).returncode == 0
     m = manifest(tmp_path)

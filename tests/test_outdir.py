@@ -127,11 +127,6 @@ def test_a_relative_out_comes_back_absolute(tmp_path, monkeypatch):
     assert check_output_folder("data", create=True) == tmp_path / "data"
 
 
-WIRING = pytest.mark.xfail(strict=True, reason="needs cli.py to call ambasync.outdir.check_output_folder (the lead "
-                                               "wires it; then remove this marker)")
-
-
-@WIRING
 @pytest.mark.parametrize("command", ["run", "status", "verify"])
 def test_every_command_refuses_an_unusable_out_with_exit_2_and_one_line(tmp_path, command):
     blocker = tmp_path / "file"

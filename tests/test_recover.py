@@ -227,11 +227,6 @@ def test_status_and_verify_get_one_line_about_a_damaged_state_and_what_the_next_
     assert "rebuilds it from manifest-shard0of2.csv" in message
 
 
-WIRING = pytest.mark.xfail(strict=True, reason="needs cli.py/run to call ambasync.recover (the lead wires it; then "
-                                               "remove this marker)")
-
-
-@WIRING
 def test_every_command_survives_a_damaged_state_without_a_traceback(tmp_path):
     """Today run, status and verify crash with exit 1 and a traceback."""
     meta = tmp_path / ".ambasync"
@@ -248,3 +243,27 @@ def test_every_command_survives_a_damaged_state_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.returncode == 4, proc.stderr  # got as far as the catalogue
     assert len(list(meta.glob("state.sqlite.damaged-*"))) == 1
     assert check_state(meta / "state.sqlite").health is Health.INTACT
+
+
+async def test_a_run_on_a_truncated_state_rebuilds_it_fetches_nothing_and_reports_what_it_did(tmp_path):
+    """Issue 10 item 6: a complete mirror, its state cut to 100 bytes, then a run: exit 0 and 0
+    grid requests (today the run crashes with a traceback, and deleting the state refetches all)."""
+    import json
+
+    async with serve(ReplicaConfig(n_coronal=6, n_sagittal=0, real_dir="/nonexistent")) as (rep, url):
+        assert (await mirror(url, tmp_path)).exit_code == 0
+        on_disk = files_on_disk(tmp_path)
+        state = tmp_path / ".ambasync" / "state.sqlite"
+        with open(state, "r+b") as fh:
+            fh.truncate(100)
+        requests = grid_requests(rep)
+        again = await mirror(url, tmp_path)
+        assert grid_requests(rep) == requests, "an intact file was fetched again"
+    assert again.exit_code == 0 and again.skipped == 6 and again.done == 0
+    assert files_on_disk(tmp_path) == on_disk
+    aside = [p for p in state.parent.glob("state.sqlite.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(aside) == 1 and aside[0].stat().st_size == 100  # kept, never deleted
+    report = json.loads(max((tmp_path / "reports").glob("run-*.json")).read_text())
+    recovery = report["state_recovery"]
+    assert recovery["trusted"] == 6 and recovery["set_aside"] == str(aside[0]) and recovery["missing"] == 0
+    assert records(state) == {path: ("done", sha) for path, sha in on_disk.items()}

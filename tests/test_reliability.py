@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ambasync.lock import OutputLock
+from ambasync.lock import OutputLock, layout_for
 from ambasync.replica import Replica, ReplicaConfig, serve
 from conftest import (
     ReplicaProcess, ambasync_cmd, manifest, mirror, notebook_ras, quantisation_step, read_minc, sha256, state_rows,
@@ -113,7 +113,7 @@ async def test_a_run_sweeps_leftover_temporaries_but_never_those_of_a_shard_stil
     (tmp_path / "coronal").mkdir()
     writing = tmp_path / "coronal" / ".Gene1_100013.mnc.4242.ambasync-tmp"
     writing.write_bytes(b"half a volume")
-    other = OutputLock(tmp_path / ".ambasync" / "lock-shard1of2")  # what shard 1's run holds
+    other = OutputLock(tmp_path / ".ambasync" / "lock-shard1of2", layout=layout_for((1, 2)))  # shard 1's run
     other.acquire()
     try:
         async with serve(ReplicaConfig(n_coronal=4, n_sagittal=0)) as (_, url):
