@@ -94,10 +94,10 @@ def box(tmp_path_factory, coronal_mask):
 
 @pytest.fixture(scope="module")
 def slabs(tmp_path_factory, coronal_mask, exps):
-    """Coronal slices 30-35 of the coronal mask and of the cube's sagittal coverage >= 0.8 (computed
+    """Coronal slices 30-32 of the coronal mask and of the cube's sagittal coverage >= 0.8 (computed
     here from the raw grids): a few thousand voxels, so the option tests take a second each."""
     slab = np.zeros_like(coronal_mask)
-    slab[:, 30:36, :] = True
+    slab[:, 30:33, :] = True
     sagittal = (np.stack([notebook_ras(e.grid) for e in exps if e.plane == "sagittal"]) != -1).mean(axis=0) >= 0.8
     folder = tmp_path_factory.mktemp("slabs")
     return {plane: (_mask_file(folder / f"{plane}.mnc", mask & slab), mask & slab)
