@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+# Redirects followed per request. The Allen API answers grids and pages directly; a proxy or a
+# CDN in front of it may add a hop or two. More than this is a loop, and retrying cannot help.
+MAX_REDIRECTS = 5
 
 
 @dataclass
@@ -107,7 +110,7 @@ async def get_bytes(
     if throttle is not None:
         await throttle.wait()
     try:
-        async with session.get(yarl.URL(url, encoded=True)) as resp:
+        async with session.get(yarl.URL(url, encoded=True), max_redirects=MAX_REDIRECTS) as resp:
             if resp.status != 200:
                 retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
                 if resp.status == 429 and throttle is not None:
@@ -137,6 +140,13 @@ async def get_bytes(
         raise TransientError(f"timed out reading {url}") from None
     except aiohttp.ClientPayloadError as exc:
         raise TransientError(f"body of {url} was cut short ({exc})") from None
+    except aiohttp.TooManyRedirects as exc:
+        last = exc.history[-1].headers.get("Location", "?") if exc.history else "?"
+        raise PermanentError(f"{url} redirects more than {MAX_REDIRECTS} times (a redirect loop; the last hop "
+                             f"pointed to {last})") from None
+    except aiohttp.RedirectClientError as exc:  # to ftp:, file:, or no valid URL at all
+        target = exc.args[0] if exc.args else "?"
+        raise PermanentError(f"{url} redirects to {target}, which is not an HTTP(S) URL: refused") from None
     except aiohttp.ClientResponseError as exc:
         raise TransientError(f"bad response from {url}: {exc.message}") from None
     except (aiohttp.ClientError, OSError) as exc:

@@ -6,7 +6,8 @@ import hashlib
 from typing import Any
 
 FAULT_KINDS = ("500", "503", "429", "drop", "truncate", "stall")  # transient, per request
-BAD_KINDS = ("no_energy", "short_raw", "not_zip", "404", "bomb")  # permanent, per experiment
+BAD_KINDS = ("no_energy", "short_raw", "not_zip", "404", "bomb",  # permanent, per experiment
+             "redirect_loop", "redirect_ftp")  # 302s back and forth between two URLs; a 302 to ftp://
 
 
 def hash01(*parts: Any) -> float:

@@ -152,6 +152,8 @@ class Replica:
                 return self._error(429)
             if eid not in self._by_id or c.bad.get(eid) == "404":
                 return self._error(404)
+            if c.bad.get(eid) in ("redirect_loop", "redirect_ftp"):
+                return self._redirect(request, c.bad[eid])
             fault = fault_for(c.seed, c.fault_rate, c.fault_kinds, eid, n)
             if fault is not None:
                 stats.faults[fault] += 1
@@ -172,6 +174,19 @@ class Replica:
             return resp
         finally:
             stats.in_flight -= 1
+
+    def _redirect(self, request: web.Request, kind: str) -> web.Response:
+        """A 302 that never ends: to the same grid with ``loop=1`` added or taken away (a loop
+        of two URLs), or to an ftp:// URL no HTTP client may follow."""
+        self.stats.redirects += 1
+        if kind == "redirect_ftp":
+            location = f"ftp://127.0.0.1/grid_data/{request.match_info['eid']}.zip"
+        else:
+            query = {k: v for k, v in request.query.items() if k != "loop"}
+            if "loop" not in request.query:
+                query["loop"] = "1"
+            location = str(request.rel_url.with_query(query))
+        return web.Response(status=302, headers={"Location": location})
 
     def _error(self, status: int) -> web.Response:
         headers = {}

@@ -40,6 +40,7 @@ class ReplicaStats:
     catalog_requests: int = 0
     served_429: int = 0
     over_limit_429: int = 0
+    redirects: int = 0  # 302s answered (bad kinds redirect_loop, redirect_ftp)
     in_flight: int = 0
     max_in_flight: int = 0
     events: list[tuple[str, int]] = field(default_factory=list)  # ("catalog", start_row) / ("grid", id), in order
