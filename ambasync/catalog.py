@@ -37,7 +37,8 @@ FIRST_PAGE_ROWS = 100
 
 @dataclass(frozen=True)
 class Row:
-    """One valid catalogue row. ``fields`` keeps every column as upstream sent it (None = null)."""
+    """One catalogue row with a usable experiment id. ``gene`` is stripped ("" when upstream gave
+    none); ``fields`` keeps every column as upstream sent it (None = null)."""
 
     experiment_id: int
     gene: str
@@ -47,7 +48,7 @@ class Row:
 
 @dataclass(frozen=True)
 class InvalidRow:
-    """A row that cannot be mirrored (no id, no gene): reported, never fatal."""
+    """A row that cannot be mirrored (no usable experiment id): reported, never fatal."""
 
     reason: str
     fields: dict[str, Any]
@@ -113,6 +114,9 @@ def _as_int(value: Any) -> int | None:
 
 
 def validate_row(raw: Any) -> Row | InvalidRow:
+    """A usable experiment id makes a row mirrorable. A gene that is empty, blank or null is real
+    data too (upstream has such rows): its Row has ``gene == ""`` (the file gets a placeholder
+    name, see :data:`ambasync.names.UNKNOWN_GENE`) and its ``fields`` keep the gene null."""
     if not isinstance(raw, dict):
         return InvalidRow(f"catalogue row is not an object: {raw!r}", {})
     fields = {col: (None if raw.get(col) == "" else raw.get(col)) for col in COLUMNS}
@@ -120,9 +124,10 @@ def validate_row(raw: Any) -> Row | InvalidRow:
     if eid is None:
         return InvalidRow(f"catalogue row has no valid experiment_id ({raw.get('experiment_id')!r})", fields)
     gene = raw.get("gene")
-    if not isinstance(gene, str) or not gene.strip():
-        return InvalidRow(f"experiment {eid}: catalogue row has no gene acronym", fields)
+    gene = "" if gene is None else (gene if isinstance(gene, str) else str(gene)).strip()
     fields["experiment_id"] = eid
+    if not gene:
+        fields["gene"] = None
     return Row(experiment_id=eid, gene=gene, plane=str(raw.get("plane") or ""), fields=fields)
 
 

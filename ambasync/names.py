@@ -14,6 +14,9 @@ import unicodedata
 _UNSAFE = re.compile(r"[^\w.+-]+", re.UNICODE)  # \w keeps unicode letters and digits
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 MAX_GENE_BYTES = 100
+# The {gene} of an experiment whose catalogue row has no gene (empty, blank or null): the
+# experiment id beside it keeps the name unique; the manifest's gene stays empty.
+UNKNOWN_GENE = "unknown-gene"
 MAX_NAME_BYTES = 255
 
 
@@ -33,7 +36,8 @@ def safe_gene(gene: str) -> str:
 
 def output_name(template: str, gene: str, experiment_id: int, plane: str, volume: str) -> str:
     """Render the configured template; volumes other than energy are marked when the template does not."""
-    name = template.format(gene=safe_gene(gene), experiment_id=experiment_id, plane=plane, volume=volume)
+    gene = safe_gene(gene) if gene.strip() else UNKNOWN_GENE
+    name = template.format(gene=gene, experiment_id=experiment_id, plane=plane, volume=volume)
     if volume != "energy" and "{volume}" not in template:
         name = f"{name[:-4]}_{volume}.mnc"
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:  # only a very long template gets here

@@ -15,7 +15,7 @@ class Status(str, enum.Enum):
     PENDING = "pending"  # seen, not mirrored yet (or sent back by verify)
     DONE = "done"  # its files are in place, recorded with their checksums
     FAILED = "failed"  # the last attempt failed: ``transient`` says whether retrying may help
-    INVALID = "invalid"  # the catalogue row cannot be mirrored (no id, no gene)
+    INVALID = "invalid"  # the catalogue row cannot be mirrored (no usable experiment id)
 
 
 @dataclass

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
-MANIFEST_EXTRA = ("volume", "status", "path", "sha256", "error")
+# genes: every gene the catalogue lists the experiment with, ";"-joined (select.one_row), or its gene.
+MANIFEST_EXTRA = ("volume", "status", "path", "sha256", "error", "genes")
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -243,5 +244,6 @@ class State:
             catalog = json.loads(row["catalog"])
             out = {col: catalog.get(col) for col in COLUMNS}
             out["experiment_id"] = row["experiment_id"]
-            out.update(volume=row["volume"], status=row["status"], path=row["path"], sha256=row["sha256"], error=row["error"])
+            out.update(volume=row["volume"], status=row["status"], path=row["path"], sha256=row["sha256"], error=row["error"],
+                       genes=catalog.get("genes", catalog.get("gene")))
             yield out

@@ -22,13 +22,18 @@ def test_a_good_row_keeps_every_column_and_empty_strings_become_null():
     ({"experiment_id": "abc", "gene": "Avp"}, "no valid experiment_id"),
     ({"experiment_id": -5, "gene": "Avp"}, "no valid experiment_id"),
     ({"experiment_id": True, "gene": "Avp"}, "no valid experiment_id"),
-    ({"experiment_id": 12, "gene": "  "}, "experiment 12: catalogue row has no gene"),
-    ({"experiment_id": 12}, "experiment 12: catalogue row has no gene"),
     (["not", "a", "dict"], "is not an object"),
 ])
 def test_rows_that_cannot_be_mirrored_are_reported_with_the_reason(raw, why):
     row = validate_row(raw)
     assert isinstance(row, InvalidRow) and why in row.reason
+
+
+@pytest.mark.parametrize("gene", ["", "   ", None, "missing"])
+def test_a_row_with_an_id_but_no_gene_is_still_mirrored_with_its_gene_left_empty(gene):
+    raw = {"experiment_id": 12, "plane": "coronal"} | ({} if gene == "missing" else {"gene": gene})
+    row = validate_row(raw)
+    assert isinstance(row, Row) and row.experiment_id == 12 and row.gene == "" and row.fields["gene"] is None
 
 
 def test_a_row_without_its_plane_gets_the_plane_it_was_queried_for():

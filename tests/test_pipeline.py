@@ -116,14 +116,14 @@ async def test_a_failed_catalogue_query_stops_the_run_with_exit_4_and_writes_not
 
 
 async def test_duplicate_rows_are_merged_and_invalid_rows_reported(tmp_path):
-    extra = [{"experiment_id": 900001, "gene": "", "plane": "coronal"},
+    extra = [{"experiment_id": -7, "gene": "Gad1", "plane": "coronal"},
              {"experiment_id": 900002, "gene": "Avp", "plane": "coronal"}]
     async with serve(ReplicaConfig(n_coronal=6, n_sagittal=0, extra_rows=extra, duplicate_ids=(900002,))) as (rep, url):
         summary = await mirror(url, tmp_path)
-        assert rep.stats.grid_requests[900002] == 1 and rep.stats.grid_requests.get(900001, 0) == 0
+        assert rep.stats.grid_requests[900002] == 1 and rep.stats.grid_requests.get(-7, 0) == 0
     assert summary.invalid == 1 and summary.exit_code == 0
     m = manifest(tmp_path).set_index("experiment_id")
-    assert m.loc[900001, "status"] == "invalid" and "no gene" in m.loc[900001, "error"]
+    assert m.loc[-7, "status"] == "invalid" and "no valid experiment_id" in m.loc[-7, "error"]
     assert m.loc[900002, "status"] == "done"
     assert len(list((tmp_path / "coronal").glob("*_900002.mnc"))) == 1
 

@@ -35,7 +35,10 @@ def build_rows(c: ReplicaConfig, with_real: bool) -> list[dict[str, Any]]:
     rows.sort(key=lambda r: r["experiment_id"])
     for eid in c.duplicate_ids:
         rows.extend([dict(r) for r in rows if r["experiment_id"] == eid][:1])
-    rows.sort(key=lambda r: r["experiment_id"])
+    for eid, genes in c.duplicate_genes.items():  # the same experiment again, under other genes
+        first = next(r for r in rows if r["experiment_id"] == eid)
+        rows.extend({**first, "gene": gene, "gene_name": f"{gene} gene"} for gene in genes)
+    rows.sort(key=lambda r: r["experiment_id"])  # stable: repeats come after the row they repeat
     return rows
 
 

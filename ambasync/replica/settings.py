@@ -24,6 +24,7 @@ class ReplicaConfig:
     bad: dict[int, str] = field(default_factory=dict)
     extra_rows: list[dict] = field(default_factory=list)
     duplicate_ids: tuple[int, ...] = ()
+    duplicate_genes: dict[int, tuple[str, ...]] = field(default_factory=dict)  # id -> genes of its extra rows
     grow_after_requests: int = 0
     catalog_fail: bool = False
     real_dir: str | None = None
