@@ -310,3 +310,30 @@ def test_zip_member_order_does_not_matter_for_exactness(tmp_path):
     build_from_zips(tmp_path / "cube.zarr", SETTINGS, [ZipSource(71717084, str(repacked), REAL_FIELDS[71717084])],
                     workers=1, quiet=True)
     assert_exact(xr.open_zarr(tmp_path / "cube.zarr"), [ZipSource(71717084, str(src), {})])
+
+
+def test_a_shards_prune_never_removes_another_shards_experiments(tmp_path):
+    """`--shard 0/2 --prune` drops shard 0's vanished experiment only; shard 1's all stay. The
+    freed slot, which shard 0 cannot fill with shard 1's experiments, reads as an empty slot
+    (negative id, only -1) until a new experiment takes it."""
+    store = tmp_path / "cube.zarr"
+    sources = replica_sources(tmp_path / "zips", 8)
+    shard = {k: [s for s in sources if s.experiment_id % 2 == k] for k in (0, 1)}
+    for k in (0, 1):
+        build_from_zips(store, SETTINGS, shard[k], workers=1, writer=f"shard {k}/2", quiet=True)
+    vanished = shard[0][0]
+    kept = [s for s in sources if s is not vanished]
+    cube = Cube.open(store, SETTINGS, writer="shard 0/2")
+    assert cube.prune({s.experiment_id for s in shard[0] if s is not vanished}, shard=(0, 2)) == [
+        vanished.experiment_id]
+    result = cube.publish(workers=1)
+    assert (result.experiments, result.empty_slots) == (len(kept), 1)
+    ds = xr.open_zarr(store)
+    empty = ds.experiment.values < 0
+    assert empty.sum() == 1 and (ds.expression.values[empty] == -1).all()
+    assert_exact(ds.isel(experiment=~empty), kept)
+    # the next new experiment takes the free slot: no empty slot left
+    new = replica_sources(tmp_path / "more", 9)[-1]
+    result = build_from_zips(store, SETTINGS, [*shard[0][1:], new], workers=1, writer="shard 0/2", quiet=True)
+    assert result.publish.empty_slots == 0
+    assert_exact(xr.open_zarr(store), [*kept, new])

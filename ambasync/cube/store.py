@@ -98,10 +98,9 @@ def set_aside(path: Path, reason: str, now: float | None = None) -> Path:
     return target
 
 
-def _blosc_codec(settings: CubeSettings):
+def _blosc_codec(c: layout.Codec):
     from zarr.codecs import BloscCodec
 
-    c = settings.codec
     return BloscCodec(cname=c.cname, clevel=c.clevel, shuffle=c.shuffle, typesize=4)
 
 
@@ -125,11 +124,11 @@ def _create(path: Path, settings: CubeSettings) -> None:
         coords = " ".join(CATALOGUE_COLUMNS)
         for var in settings.variables():
             g.create_array(var, shape=(0, *geo.sizes), chunks=(1, *geo.sizes), dtype="float32", fill_value=FILL,
-                           compressors=[_blosc_codec(settings)], dimension_names=["experiment", *DIMS],
+                           compressors=[_blosc_codec(settings.codec)], dimension_names=["experiment", *DIMS],
                            attributes={"coordinates": coords})
         if settings.by_voxel:
             g.create_array(BY_VOXEL, shape=(*geo.sizes, 0), chunks=(*settings.by_voxel_chunk, settings.block),
-                           dtype="float32", fill_value=FILL, compressors=[_blosc_codec(settings)],
+                           dtype="float32", fill_value=FILL, compressors=[_blosc_codec(settings.by_voxel_codec)],
                            dimension_names=[*DIMS, "experiment"], attributes={"coordinates": coords})
         g.create_array("experiment", shape=(0,), chunks=(COORD_CHUNK,), dtype="int64", fill_value=0,
                        dimension_names=["experiment"],
@@ -269,6 +268,7 @@ class Cube:
                     claim.experiment_id == -1 and age > BROKEN_CLAIM_SECONDS):
                 del self._orphans[slot]
                 self.slots.write_claim(slot, experiment_id, self.writer)
+                self._claimed[slot] = experiment_id
                 return slot
         try:
             slot = self.slots.claim(experiment_id, self.writer, self._taken, self._low)
@@ -317,14 +317,23 @@ class Cube:
         self._remove_slot(member.slot)
         return True
 
-    def prune(self, keep: Iterable[int]) -> list[int]:
-        """Remove every experiment, and every leftover claim, not in ``keep``; returns removed ids."""
+    def prune(self, keep: Iterable[int], shard: tuple[int, int] | None = None) -> list[int]:
+        """Remove the experiments not in ``keep`` (the complete catalogue), and leftover claims
+        for them; returns the removed ids. With ``shard=(K, N)`` only experiments with
+        ``id % N == K`` are considered, so one shard never removes another's."""
         keep = set(keep)
-        gone = sorted(e for e in self._by_id if e not in keep)
+
+        def mine(eid: int) -> bool:
+            return shard is None or eid % shard[1] == shard[0]
+
+        gone = sorted(e for e in self._by_id if e not in keep and mine(e))
         for eid in gone:
             self.remove(eid)
         for slot, claim in list(self._orphans.items()):
-            if claim.experiment_id not in keep:
+            # a claim without its record for an experiment that is gone; a broken claim (no
+            # claim.json) only once it is old: a writer may be between its mkdir and its claim.json
+            if (claim.experiment_id not in keep and claim.experiment_id != -1 and mine(claim.experiment_id)) or (
+                    claim.experiment_id == -1 and self.slots.claim_age(slot) > BROKEN_CLAIM_SECONDS):
                 del self._orphans[slot]
                 self._remove_slot(slot)
         return gone
@@ -356,6 +365,7 @@ class Cube:
             return PublishResult(False, len(members), 0, 0)
         try:
             with lease(self.path / META, self.writer, wait_seconds, stale_seconds):
+                _sweep_partials(self.path, self.settings)
                 members = self._compact()
                 digest = _digest(members)
                 if digest == self._published_digest():
@@ -416,6 +426,19 @@ class Cube:
             return json.loads((self.path / META / "published.json").read_text())["digest"]
         except (OSError, ValueError, KeyError):
             return None
+
+
+def _sweep_partials(path: Path, settings: CubeSettings) -> None:
+    """Remove what a killed publish left of zarr's own atomic writes (``*.partial`` beside a
+    metadata or coordinate file). Only publish writes through zarr, and we hold its lease."""
+    big = {*settings.variables(), BY_VOXEL}
+    for entry in path.iterdir():
+        if entry.name.endswith(".partial"):
+            entry.unlink(missing_ok=True)
+        elif entry.is_dir() and entry.name != META:
+            pattern = "*.partial" if entry.name in big else "**/*.partial"
+            for leftover in entry.glob(pattern):
+                leftover.unlink(missing_ok=True)
 
 
 def _describe(identity: dict) -> str:
@@ -550,6 +573,7 @@ def _rebuild_slab(store: str, settings: CubeSettings, b: int, rows: list[tuple[i
     chunks), return its per-plane counts of voxels with data."""
     geo = geometry(settings)
     codec = layout.blosc(settings.codec)
+    by_voxel_codec = layout.blosc(settings.by_voxel_codec)
     path = Path(store)
     data = np.full((settings.block, z1 - z0, *geo.sizes[1:]), FILL, dtype=np.float32)
     for i, (slot, plane) in enumerate(rows):
@@ -578,7 +602,7 @@ def _rebuild_slab(store: str, settings: CubeSettings, b: int, rows: list[tuple[i
                     key = path / BY_VOXEL / "c" / str(zs // cz) / str(ys // cy) / str(xs // cx) / str(b)
                     key.parent.mkdir(parents=True, exist_ok=True)
                     with atomic_path(key) as tmp:
-                        tmp.write_bytes(codec.encode(chunk))
+                        tmp.write_bytes(by_voxel_codec.encode(chunk))
     return counts
 
 
