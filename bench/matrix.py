@@ -1,6 +1,6 @@
 """Benchmark of ``ambasync matrix`` against MHTS's ``build_voxel_matrix.py`` (bench/mhts_baseline.py).
 
-    python -m bench.matrix [--experiments 40] [--atlas 4345] [--knn 200,400] [--json out.json]
+    python -m bench.matrix [--experiments 40] [--atlas 4345] [--knn 22x5000,22x10000] [--json out.json]
 
 Three measurements, each from one run on this machine:
 
@@ -11,8 +11,8 @@ Three measurements, each from one run on this machine:
 * ``atlas``: the atlas-scale coronal set (``--atlas`` experiments, ~2 per gene, grids cycled
   from 64 synthetic variants) on the same mask: wall time and peak RSS of the whole process tree,
   for CSV and for .h5ad output.
-* ``knn``: KNN imputation alone (scikit-learn's KNNImputer, as MHTS) at a few gene counts on the
-  same 61,315 voxels, to give its scaling: it is quadratic in voxels and linear in genes.
+* ``knn``: KNN imputation alone (scikit-learn's KNNImputer, as MHTS) at a few matrix shapes,
+  to give its scaling: quadratic in voxels, linear in genes.
 """
 
 from __future__ import annotations
@@ -180,19 +180,24 @@ def scenario_atlas(n: int, work: Path) -> dict:
     return {"experiments": written, "cube_seconds": round(setup, 1), "results": results}
 
 
-def scenario_knn(gene_counts: list[int], voxels: int = 61315) -> dict:
-    """KNN imputation time alone, on matrices shaped like the atlas's (5% missing, like the
-    synthetic grids' zeros), at a few gene counts: seconds, and the fit of time ∝ genes."""
+def scenario_knn(shapes: list[tuple[int, int]]) -> dict:
+    """KNN imputation time alone (``knn_impute``: scikit-learn's KNNImputer, chunks over dask),
+    on genes x voxels matrices like the atlas's (gamma values, 5% missing like the synthetic
+    grids' zeros): seconds and peak memory growth, to fit its scaling in genes and voxels."""
+    import resource
+
     from ambasync.matrix import knn_impute
 
     rng = np.random.default_rng(0)
     rows = []
-    for g in gene_counts:
-        x = rng.gamma(1.5, 1.0, (g, voxels))
+    for genes, voxels in shapes:
+        x = rng.gamma(1.5, 1.0, (genes, voxels))
         x[rng.random(x.shape) < 0.05] = np.nan
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         knn_impute(x)
-        rows.append({"genes": g, "voxels": voxels, "seconds": round(time.perf_counter() - t, 1)})
+        rows.append({"genes": genes, "voxels": voxels, "wall_s": round(time.perf_counter() - t, 1),
+                     "cpu_s": round(time.process_time() - c, 1),
+                     "peak_rss_mb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
     return {"runs": rows}
 
 
@@ -200,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiments", type=int, default=40, help="experiments of the MHTS comparison")
     p.add_argument("--atlas", type=int, default=4345, help="experiments of the atlas-scale run (0 = skip)")
-    p.add_argument("--knn", default="", metavar="G,G", help="gene counts of the KNN timing (empty = skip)")
+    p.add_argument("--knn", default="22x5000,22x10000,22x20000,88x10000", metavar="GxV,...",
+                   help="genes x voxels shapes of the KNN timing (empty = skip)")
     p.add_argument("--work", metavar="DIR", help="working folder (default: a temporary one, removed)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     args = p.parse_args(argv)
@@ -214,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             report["atlas"] = scenario_atlas(args.atlas, work / "atlas")
             print(json.dumps(report["atlas"], indent=1), flush=True)
         if args.knn:
-            report["knn"] = scenario_knn([int(g) for g in args.knn.split(",")])
+            shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.knn.split(",")]
+            report["knn"] = scenario_knn(shapes)  # type: ignore[arg-type]
             print(json.dumps(report["knn"], indent=1), flush=True)
     finally:
         if not args.work:
