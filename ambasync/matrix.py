@@ -69,7 +69,9 @@ def select_experiments(ids: np.ndarray, genes: np.ndarray, planes: np.ndarray, r
     ids = np.asarray(ids, dtype=np.int64)
     genes = np.asarray(genes).astype(str)
     planes = np.asarray(planes).astype(str)
-    keep = np.ones(ids.size, dtype=bool) if recipe.plane == "both" else planes == recipe.plane
+    keep = ids >= 0  # an empty slot of the cube has a negative id and only -1 values: not an experiment
+    if recipe.plane != "both":
+        keep &= planes == recipe.plane
     if recipe.plane == "sagittal" and recipe.genes_in_coronal:
         keep &= np.isin(genes, genes[planes == "coronal"])
     if recipe.genes:

@@ -34,9 +34,10 @@ TOL = 1e-9  # both sides are float64 from the same float32 grids: only summation
 # ---------------------------------------------------------------------------------------------
 
 def _experiments():
-    """16 synthetic coronal experiments over 9 genes, the real Nrp1 and Pdyn, and 8 sagittal
+    """16 synthetic coronal experiments over 9 genes, the real Nrp1 and Pdyn, 8 sagittal
     experiments covering the left hemisphere only (as sagittal ISH does), 6 of them of genes
-    that also have coronal experiments and 2 of a sagittal-only gene."""
+    that also have coronal experiments and 2 of a sagittal-only gene, and an empty slot
+    (negative id, no gene, only -1: docs/cube.md), which is no experiment."""
     exps = replica_experiments(16, 8, seed=3)
     out = []
     for i, e in enumerate(x for x in exps if x.plane == "sagittal"):
@@ -44,7 +45,9 @@ def _experiments():
         grid[29:] = -1  # the raw grid's first axis is left-right (58 voxels): keep one hemisphere
         gene = ("Gene1", "Gene2", "Gene4")[i % 3] if i < 6 else "Sonly"
         out.append(dataclasses.replace(e, gene=gene, grid=grid, catalogue={**e.catalogue, "gene": gene}))
-    return [e for e in exps if e.plane == "coronal"] + out
+    empty = dataclasses.replace(exps[0], experiment_id=-5, gene="", plane="", grid=np.full_like(exps[0].grid, -1),
+                                catalogue={**exps[0].catalogue, "gene": "", "plane": ""})
+    return [e for e in exps if e.plane == "coronal"] + out + [empty]  # an empty slot, as a pruned cube has
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,7 @@ def run(*args, capsys=None) -> tuple[int, str]:
 def expected(exps, mask, *, plane="coronal", genes_in_coronal=True, genes=(), ids=(), zero_is_missing=True,
              log2=True, group_by="gene", combine="mean", max_missing=0.2, mirror=False, normalise="none",
              homologs=None) -> pd.DataFrame:
-    chosen = [e for e in exps if plane == "both" or e.plane == plane]
+    chosen = [e for e in exps if e.experiment_id >= 0 and (plane == "both" or e.plane == plane)]
     if plane == "sagittal" and genes_in_coronal:
         coronal = {e.gene for e in exps if e.plane == "coronal"}
         chosen = [e for e in chosen if e.gene in coronal]
@@ -453,16 +456,17 @@ def test_methods_text_names_every_parameter_and_the_counts(tmp_path, cube, box):
 
     path, mask = box
     to = tmp_path / "m.h5ad"
-    assert run("--out", cube, "--mask", path, "--max-missing", "0.5", "--normalise", "zscore", "--to", to)[0] == 0
+    assert run("--out", cube, "--mask", path, "--max-missing", "0.5", "--normalise", "zscore", "--plane", "both",
+               "--to", to)[0] == 0
     text = Path(f"{to}.methods.md").read_text()
     for f in dataclasses.fields(Recipe):
         assert f"{f.name} = " in text, f.name
     import anndata
 
     adata = anndata.read_h5ad(to)
-    n_coronal = sum(1 for e in _experiments() if e.plane == "coronal")
+    n_experiments = sum(1 for e in _experiments() if e.experiment_id >= 0)  # not the cube's empty slot
     assert f"ambasync {ambasync.__version__}" in text
-    assert f"{n_coronal} coronal experiments" in text
+    assert f"{n_experiments} experiments of both planes" in text
     assert f"{int(mask.sum())} voxels" in text and f"{adata.n_obs} rows" in text
     assert "KNNImputer" in text and "z-score" in text
     digest = adata.uns["ambasync"]["cube_hash"]
