@@ -49,6 +49,7 @@ STALE_CLAIM_SECONDS = 24 * 3600  # a slot claimed this long ago and never filled
 BROKEN_CLAIM_SECONDS = 60  # a claim folder without its claim.json (killed between the two) this old is free
 LEASE_WAIT_SECONDS = 900.0  # how long a publish waits for another writer's publish
 LEASE_STALE_SECONDS = 3600.0  # a publish lease this old was left by a dead writer
+SLAB_BYTES = 128 * 1024 * 1024  # at most this much of a block in one rebuild task (peak RSS <= 1 GB on 2 workers)
 
 
 class CubeSettingsError(ConfigError):
@@ -540,7 +541,9 @@ def _rebuild_blocks(path: Path, settings: CubeSettings, by_slot: Mapping[int, Me
     geo = geometry(settings)
     cz = settings.by_voxel_chunk[0]
     starts = list(range(0, geo.sizes[0], cz))
-    per = math.ceil(len(starts) / max(1, workers))
+    plane_bytes = settings.block * geo.sizes[1] * geo.sizes[2] * 4
+    # as few slabs as the memory cap allows: each slab decodes every volume of its block again
+    per = max(1, min(math.ceil(len(starts) / max(1, workers)), SLAB_BYTES // (plane_bytes * cz)))
     slabs = [(starts[i], min(geo.sizes[0], starts[i] + per * cz)) for i in range(0, len(starts), per)]
     tasks = []
     for b in blocks:
