@@ -22,7 +22,7 @@ import pytest
 import xarray as xr
 
 from ambasync.cube import (
-    Cube, CubeSettings, CubeSettingsError, CubeWriter, ZipSource, build_from_zips, cube_summary,
+    Cube, CubeSettings, CubeSettingsError, CubeWriter, ZipSource, build_from_zips, cube_summary, slot_sha256,
 )
 from ambasync.replica import Replica, ReplicaConfig
 from ambasync.settings import ConvertSettings
@@ -136,9 +136,13 @@ def test_output_writer_and_record_put_an_experiment_in_the_cube(tmp_path):
     written = writer.write(expected(source), None, Target("energy", "cube.zarr", "cube", slot), out)
     assert written.sha256 == hashlib.sha256(expected(source).astype("<f4").tobytes()).hexdigest()
     cube.record(source.experiment_id, slot, {"energy": written.sha256}, source.fields)
+    assert slot_sha256(out / "cube.zarr", slot, "energy") == written.sha256  # what verify checks
     assert xr.open_zarr(out / "cube.zarr").sizes["experiment"] == 0  # nothing published yet: still opens
     cube.publish()
     assert_exact(xr.open_zarr(out / "cube.zarr"), [source])
+    chunk = Path(written.path)
+    chunk.write_bytes(chunk.read_bytes()[:1000])  # a damaged chunk is noticed by verify
+    assert slot_sha256(out / "cube.zarr", slot, "energy") is None
 
 
 def test_nightly_update_adds_changes_and_prunes_without_touching_the_rest(tmp_path):

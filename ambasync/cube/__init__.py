@@ -12,10 +12,10 @@ from .build import BuildResult, ZipSource, build_from_zips
 from .layout import Codec, CubeSettings, values_sha256
 from .slots import CubeBusyError, Member
 from .store import Cube, CubeSettingsError, CubeSummary, PublishResult, cube_summary
-from .writer import CubeWrite, CubeWriter, write_slot
+from .writer import CubeWrite, CubeWriter, slot_sha256, write_slot
 
 __all__ = [
     "BuildResult", "Codec", "Cube", "CubeBusyError", "CubeSettings", "CubeSettingsError", "CubeSummary",
     "CubeWrite", "CubeWriter", "Member", "PublishResult", "ZipSource", "build_from_zips", "cube_summary",
-    "values_sha256", "write_slot",
+    "slot_sha256", "values_sha256", "write_slot",
 ]

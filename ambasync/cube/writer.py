@@ -86,6 +86,19 @@ def write_slot(store: str | Path, slot: int, volume: str, data: np.ndarray) -> C
     return CubeWrite(slot, volume, sha, str(chunk), len(blob), True)
 
 
+def slot_sha256(store: str | Path, slot: int, volume: str) -> str | None:
+    """sha256 of the values a slot holds now (:func:`layout.values_sha256`), decoded from its
+    chunk; None if the chunk is missing or unreadable. What ``verify`` compares with the state's
+    sha256 for a cube output (the chunk file's own bytes are not what the state records)."""
+    store = Path(store)
+    try:
+        _, codec = _store_layout(str(store))
+        blob = (store / layout.chunk_key(layout.VARIABLE_OF_VOLUME[volume], slot)).read_bytes()
+        return layout.values_sha256(np.frombuffer(layout.blosc(layout.Codec(**codec)).decode(blob), dtype="<f4"))
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return None
+
+
 @dataclass(frozen=True)
 class CubeWriter:
     """The cube's output writer for the conversion worker (``ambasync.writers.WRITERS["cube"]``):
