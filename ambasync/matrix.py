@@ -537,6 +537,7 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
         voxel_labels = labels.ravel()[mask_flat]
         var["label"] = voxel_labels
         var["region"] = [table.get(int(v), "") for v in voxel_labels]
+    if labels is not None and recipe.region_means:
         values, regions = region_means(values, voxel_labels, table)
         counts = var[var["region"] != ""].groupby("region").size()
         n_region_voxels = int(counts.sum())
@@ -805,6 +806,8 @@ _FLAGS = {
     "homologs": ("--homologs", dict(metavar="CSV", help="keep genes in its Mouse column")),
     "labels": ("--labels", dict(metavar="PATH", help="label image: gene x region means")),
     "label_table": ("--label-table", dict(metavar="CSV", help="columns Structure, Label (0 = none)")),
+    "region_means": ("--region-means", dict(action=argparse.BooleanOptionalAction,
+                                            help="with --labels: region means (default), or voxels named by region")),
 }
 
 

@@ -103,7 +103,10 @@ def methods_text(recipe: Recipe, facts: dict[str, Any], output: str = "") -> str
                  f"normalise = {r.normalise}).")
     else:
         s.append("No normalisation was applied (normalise = none).")
-    if r.labels:
+    if r.labels and not r.region_means:
+        s.append(f"Each voxel was named after its region in the label image {r.labels} ({r.label_table}; labels, "
+                 "label_table; region_means = false).")
+    elif r.labels:
         s.append(f"Gene-by-region values were the mean, skipping missing values, over the masked voxels of each "
                  f"region of the label image {r.labels} named in {r.label_table} (label 0 and unnamed labels "
                  f"excluded; labels, label_table), {facts.get('n_columns', '?')} regions from "

@@ -61,6 +61,7 @@ class Recipe:
     homologs: str = ""  # CSV with columns Mouse, Human: keep genes with a human homolog
     labels: str = ""  # label image on the cube's grid: gene x region means
     label_table: str = ""  # CSV with columns Structure, Label (label 0 = none)
+    region_means: bool = True  # with labels: gene x region means; false: voxels kept, each named its region
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}

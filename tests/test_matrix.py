@@ -332,6 +332,24 @@ def test_region_means_match_mhts_build_region_matrix(tmp_path, cube, exps, coron
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=0, atol=TOL)
 
 
+def test_voxels_named_by_region_without_region_means(tmp_path, cube, box):
+    """--no-region-means keeps the voxel matrix and names each voxel's DSURQE region in the
+    AnnData's var (label 0 and unnamed labels: empty)."""
+    import anndata
+
+    path, mask = box
+    to = tmp_path / "m.h5ad"
+    assert run("--out", cube, "--mask", path, "--max-missing", "0.5", "--impute", "none", "--labels", LABELS,
+               "--label-table", LABEL_TABLE, "--no-region-means", "--to", to)[0] == 0
+    adata = anndata.read_h5ad(to)
+    labels, _ = read_minc(LABELS)
+    table = pd.read_csv(LABEL_TABLE)
+    names = dict(zip(table["Label"].astype(int), table["Structure"]))
+    want = [names.get(int(round(v)), "") if round(v) != 0 else "" for v in labels[mask]]
+    assert adata.n_vars == int(mask.sum()) and list(adata.var["region"]) == want
+    assert len(set(want) - {""}) >= 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Imputation
 # ---------------------------------------------------------------------------------------------
