@@ -230,11 +230,16 @@ def knn_impute(values: np.ndarray, n_neighbors: int = 5) -> np.ndarray:
     if len(blocks) == 1:
         results = [imputer.transform(samples[need])]
     else:
-        results = dask.compute(*[dask.delayed(imputer.transform)(samples[b]) for b in blocks])
+        shared = dask.delayed(imputer, pure=True, traverse=False)  # one key: a cluster gets the fit once
+        results = dask.compute(*[dask.delayed(_knn_transform)(shared, samples[b]) for b in blocks])
     out = samples.copy()
     for b, r in zip(blocks, results):
         out[b] = r
     return out.T.copy()
+
+
+def _knn_transform(imputer: Any, rows: np.ndarray) -> np.ndarray:
+    return imputer.transform(rows)
 
 
 def spatial_impute(values: np.ndarray, coords: np.ndarray) -> np.ndarray:

@@ -372,18 +372,24 @@ def test_knn_is_sklearn_knnimputer_on_the_same_matrix(tmp_path, cube, exps, box)
 
 
 def test_knn_chunks_over_dask_give_identical_numbers():
-    """Parallel KNN (the voxels split into scikit-learn's own distance chunks, run as dask tasks)
-    equals one KNNImputer call bit for bit, also when the chunks are small."""
+    """Parallel KNN (the voxels split into scikit-learn's own distance chunks, run as dask tasks
+    on threads or on a real cluster) equals one KNNImputer call bit for bit."""
     import sklearn
+    from cubes import local_cluster
     from sklearn.impute import KNNImputer
 
+    from ambasync.atlas import compute_on
     from ambasync.matrix import knn_impute
 
     rng = np.random.default_rng(1)
     x = rng.gamma(2.0, 1.0, (12, 900))
     x[rng.random(x.shape) < 0.15] = np.nan
     with sklearn.config_context(working_memory=0.5):  # ~70 voxels per chunk: 13 dask tasks
-        np.testing.assert_array_equal(knn_impute(x), KNNImputer().fit_transform(x.T).T)
+        want = KNNImputer().fit_transform(x.T).T
+        np.testing.assert_array_equal(knn_impute(x), want)
+        with local_cluster() as cluster, compute_on(cluster.scheduler_address) as client:
+            assert client is not None
+            np.testing.assert_array_equal(knn_impute(x), want)  # the chunks on a dask.distributed worker
 
 
 def test_knn_on_a_distributed_cluster_is_the_same(tmp_path, cube, box):
