@@ -69,20 +69,30 @@ def block_correlations(block: np.ndarray, y: np.ndarray, method: str = "pearson"
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    block = np.asarray(block)
-    valid = np.isfinite(block) & (block != NO_DATA)
-    n = valid.sum(axis=1)
-    x = ranks(block, valid) if method == "spearman" else np.where(valid, block, 0.0).astype(np.float64)
-    mean = x.sum(axis=1) / np.maximum(n, 1)
-    centred = np.where(valid, x - mean[:, None], 0.0)
-    sxx = (centred ** 2).sum(axis=1)
+    e = len(block)
+    # float32 and in place throughout (a block is ~50 experiments × 60,000 voxels): sums that
+    # need the precision are taken in float64.
+    left = np.empty((2 * e, np.shape(block)[1]), dtype=np.float32)  # [validity; centred expression]
+    valid = np.isfinite(block)
+    valid &= np.asarray(block) != NO_DATA
+    n = np.count_nonzero(valid, axis=1)
+    centred = left[e:]
+    if method == "spearman":
+        centred[...] = ranks(block, valid)
+    else:
+        np.copyto(centred, block, casting="same_kind")
+        centred[~valid] = 0
+    mean = centred.sum(axis=1, dtype=np.float64) / np.maximum(n, 1)
+    centred -= mean.astype(np.float32)[:, None]
+    left[:e] = valid
+    centred *= left[:e]
+    sxx = np.square(centred).sum(axis=1, dtype=np.float64)
     y = np.asarray(y, dtype=np.float32)
     # The products as (voxels × maps)ᵀ @ (experiments × voxels)ᵀ: OpenBLAS runs this layout
     # several times faster than block @ y for a few dozen rows against 60,000 voxels.
-    left = np.concatenate([valid, centred], axis=0).astype(np.float32).T
-    both = (y.T @ left).T.astype(np.float64)
-    sy, sxy = both[:len(block)], both[len(block):]
-    syy = ((y * y if y2 is None else y2).T @ left[:, :len(block)]).T.astype(np.float64)
+    both = (y.T @ left.T).T.astype(np.float64)
+    sy, sxy = both[:e], both[e:]
+    syy = ((y * y if y2 is None else y2).T @ left[:e].T).T.astype(np.float64)
     vy = syy - sy ** 2 / np.maximum(n, 1)[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         r = sxy / np.sqrt(sxx[:, None] * vy)
