@@ -15,6 +15,7 @@ run's event-loop process, which never imports numpy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any, Iterator
 
 from . import __version__
 from .errors import ConfigError
-from .files import atomic_path, tmp_name
+from .files import tmp_name
 from .recipe import COMBINE, GROUP_BY, IMPUTE, NORMALISE, PLANES, VARIABLES, Recipe, dumps, load_recipe, make_recipe
 
 log = logging.getLogger("ambasync.matrix")
@@ -612,9 +613,22 @@ class Written:
     methods_path: str
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+@contextlib.contextmanager
+def _side_files(to: str, recipe: Recipe, methods: str) -> Iterator[tuple[Path, Path]]:
+    """``{to}.recipe.toml`` and ``{to}.methods.md`` written under temporary names, renamed into
+    place only when the block (which writes the output itself) succeeds: an interrupted
+    ``matrix`` leaves neither a partial output nor side files describing a missing one."""
+    final = (Path(f"{to}.recipe.toml"), Path(f"{to}.methods.md"))
+    tmps = [tmp_name(p) for p in final]
+    try:
+        tmps[0].write_text(dumps(recipe, __version__), encoding="utf-8")
+        tmps[1].write_text(methods, encoding="utf-8")
+        yield final
+        for tmp, path in zip(tmps, final):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 def _csv_field(text: str) -> str:
@@ -725,33 +739,35 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 
 def write_matrix(m: Matrix, to: str) -> Written:
-    """The matrix at ``to`` (format by extension) with ``{to}.recipe.toml`` and ``{to}.methods.md``;
-    the side files go first, the matrix last, each atomically."""
+    """The matrix at ``to`` (format by extension) with ``{to}.recipe.toml`` and ``{to}.methods.md``,
+    all atomically: each is written under a temporary name, then renamed, the matrix last."""
     from .methods import methods_text
 
     kind = output_kind(to, None)
     path = Path(to)
     if not path.parent.is_dir():
         raise _error(f"--to {to}: folder {path.parent} does not exist")
-    recipe_path, methods_path = Path(f"{to}.recipe.toml"), Path(f"{to}.methods.md")
-    _write_text(recipe_path, dumps(m.recipe, __version__))
-    _write_text(methods_path, methods_text(m.recipe, m.facts, output=str(path.name)))
-    if kind == ".zarr":
-        tmp = tmp_name(path)
-        try:
-            _write_zarr(m, tmp)
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    else:
-        with atomic_path(path) as tmp:
-            if kind == ".csv":
+    tmp = tmp_name(path)
+    try:
+        with _side_files(to, m.recipe, methods_text(m.recipe, m.facts, output=path.name)) as (recipe_path,
+                                                                                             methods_path):
+            if kind == ".zarr":
+                _write_zarr(m, tmp)
+            elif kind == ".csv":
                 _write_csv(m, tmp)
             elif kind == ".parquet":
                 _frame(m).to_parquet(tmp, engine="pyarrow")
             else:
                 _write_h5ad(m, tmp)
+        if kind == ".zarr":
+            _replace_dir(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
     return Written(str(path), str(recipe_path), str(methods_path))
 
 
@@ -772,10 +788,9 @@ def write_row_image(m: Matrix, row: str, to: str) -> Written:
     volume = np.full(m.mask.shape, np.nan, dtype=np.float64)
     volume[m.mask] = m.values[hits[0]]
     path = Path(to)
-    recipe_path, methods_path = Path(f"{to}.recipe.toml"), Path(f"{to}.methods.md")
-    _write_text(recipe_path, dumps(m.recipe, __version__))
-    _write_text(methods_path, methods_text(m.recipe, m.facts, output=f"{path.name} ({m.row_label.lower()} {row})"))
-    write_image(volume, m.geometry, path)
+    methods = methods_text(m.recipe, m.facts, output=f"{path.name} ({m.row_label.lower()} {row})")
+    with _side_files(to, m.recipe, methods) as (recipe_path, methods_path):
+        write_image(volume, m.geometry, path)  # atomic itself
     return Written(str(path), str(recipe_path), str(methods_path))
 
 
