@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         from .convert import start_forkserver
 
-        with early_signals.sigint_ignored():  # a Ctrl-C while it imports: no traceback from it
+        with early_signals.sigint_blocked():  # a Ctrl-C while it imports: no traceback from it
             start_forkserver()  # its imports overlap ours (below) on another core
     from .options import RunOptions
     from .run import run_mirror

@@ -62,12 +62,14 @@ def restore() -> signal.Signals | None:
 
 
 @contextlib.contextmanager
-def sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored while the block runs: a child process started in it (the forkserver)
-    inherits that, so a Ctrl-C sent to the whole terminal's process group while it imports
-    its modules cannot end it with a traceback. The parent's handler is back afterwards."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked while the block runs. A child process started in it (the forkserver, the
+    resource tracker) inherits the blocked mask across exec, so a Ctrl-C sent to the whole
+    terminal's process group while it imports its modules cannot end it with a traceback (it
+    never unblocks SIGINT, and ignores it once started; its workers ignore it too). Here the
+    signal waits, pending, and is handled as soon as the block ends: it is never lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
