@@ -866,6 +866,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     """``python -m ambasync matrix``: build, then write; bad input is one line and exit 2."""
     recipe = recipe_from_args(args)
     output_kind(args.to, args.volume)
+    if not Path(args.to).parent.is_dir():  # before the build, which can take long
+        raise _error(f"--to {args.to}: folder {Path(args.to).parent} does not exist")
     out = args.out or _default_out()
     progress = not getattr(args, "quiet", False)
     m = build_matrix(out, recipe, scheduler=args.scheduler, progress=progress)
