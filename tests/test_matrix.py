@@ -236,6 +236,28 @@ def test_contract_matches_mhts_script_on_float_minc_files(tmp_path, cube, exps, 
     assert_same(ours, theirs, tol=1e-4)
 
 
+def test_a_cube_written_by_the_run_gives_the_same_matrix(tmp_path, slabs):
+    """The cube the run writes (ambasync.cube, from the served zips) gives byte for byte the matrix
+    of the contract's reference cube (tests/cubes.py) of the same experiments, both planes."""
+    from ambasync.cube import CubeSettings, ZipSource, build_from_zips
+    from ambasync.replica import Replica, ReplicaConfig
+    from conftest import GRIDS
+
+    rep = Replica(ReplicaConfig(n_coronal=8, n_sagittal=4, seed=5, real_dir=str(GRIDS)))
+    sources = []
+    for row in rep.rows:
+        zip_path = tmp_path / f"{row['experiment_id']}.zip"
+        zip_path.write_bytes(rep.zip_for(int(row["experiment_id"])))
+        sources.append(ZipSource(int(row["experiment_id"]), str(zip_path), dict(row)))
+    build_from_zips(tmp_path / "run" / "cube.zarr", CubeSettings(), sources, workers=1, quiet=True)
+    write_test_cube(tmp_path / "reference", replica_experiments(8, 4, seed=5))
+    path, _ = slabs["coronal"]
+    for name in ("run", "reference"):
+        assert run("--out", tmp_path / name, "--plane", "both", "--mask", path, "--max-missing", "0.5",
+                   "--impute", "none", "--to", tmp_path / f"{name}.csv")[0] == 0
+    assert (tmp_path / "run.csv").read_bytes() == (tmp_path / "reference.csv").read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------
 # Every option against the independent implementation
 # ---------------------------------------------------------------------------------------------
