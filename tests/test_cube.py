@@ -128,6 +128,12 @@ def test_coverage_is_the_fraction_of_each_planes_experiments_with_data(tmp_path)
 
 def test_output_writer_and_record_put_an_experiment_in_the_cube(tmp_path):
     """The run's path: slot before submit, CubeWriter in the worker, record after the Done."""
+    Cube.open(tmp_path / "x" / "cube.zarr", CubeSettings())  # made once (with zarr), then opened by the run
+    numpy_free = subprocess.run([sys.executable, "-c", (
+        "import sys; from ambasync.cube import Cube, CubeSettings; "
+        f"c = Cube.open({str(tmp_path / 'x' / 'cube.zarr')!r}, CubeSettings()); c.record(5, c.slot_for(5), "
+        "{'energy': 'a' * 64}); print('numpy' in sys.modules)")], capture_output=True, text=True, check=True)
+    assert numpy_free.stdout.strip() == "False"  # the run's event loop never imports numpy
     out = tmp_path / "out"
     cube = Cube.open(out / "cube.zarr", SETTINGS)
     writer = CubeWriter(ConvertSettings("RAS", "MICe", 1.0, "float"))
@@ -240,6 +246,7 @@ def test_two_shards_on_one_folder_make_one_complete_cube(tmp_path):
     assert_exact(ds, sources)
 
 
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")  # the foreign store, written by plain xarray
 def test_a_damaged_or_foreign_store_is_set_aside_and_rebuilt(tmp_path):
     """Whatever sits at cube.zarr is kept (renamed cube.zarr.damaged-…), never deleted or mixed in."""
     sources = real_sources()

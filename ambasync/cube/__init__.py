@@ -8,11 +8,23 @@
 - :mod:`.build`: the cube from zips on disk, on every core.
 """
 
-from .build import BuildResult, ZipSource, build_from_zips
-from .layout import Codec, CubeSettings, values_sha256
+from .layout import Codec, CubeSettings
 from .slots import CubeBusyError, Member
 from .store import Cube, CubeSettingsError, CubeSummary, PublishResult, cube_summary
-from .writer import CubeWrite, CubeWriter, slot_sha256, write_slot
+
+# The worker-side parts need numpy: imported on first use, so the run's event-loop process can
+# open the cube, claim slots and record members without numpy (as it imports nothing of it).
+_LAZY = {"BuildResult": "build", "ZipSource": "build", "build_from_zips": "build", "CubeWrite": "writer",
+         "CubeWriter": "writer", "slot_sha256": "writer", "write_slot": "writer", "values_sha256": "layout"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BuildResult", "Codec", "Cube", "CubeBusyError", "CubeSettings", "CubeSettingsError", "CubeSummary",

@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 FORMAT_VERSION = 1
 STORE_NAME = "cube.zarr"
@@ -121,11 +123,15 @@ def values_sha256(data: np.ndarray) -> str:
     """Identity of a volume in the cube: sha256 of its float32 little-endian values as stored
     (reoriented, C order). Anyone can check it: ``sha256(ds.expression.sel(experiment=id).values)``;
     it does not depend on the zip's packaging, so a re-zipped identical grid is not rewritten."""
+    import numpy as np  # here: the run's event-loop process uses this module without numpy
+
     return hashlib.sha256(np.ascontiguousarray(data, dtype="<f4").tobytes()).hexdigest()
 
 
 def world_axis(start: float, step: float, size: int) -> np.ndarray:
     """World coordinate (mm) of every index along one dimension: start + step·i."""
+    import numpy as np
+
     return start + step * np.arange(size, dtype=np.float64)
 
 

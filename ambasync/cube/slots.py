@@ -3,19 +3,21 @@
 They live inside the store (``cube.zarr/.ambasync/``), so the store describes itself and
 every writer on every machine sees the same truth through the shared filesystem, with no
 lock service. Only two filesystem operations are relied on, both atomic on local disks and
-on NFS: ``mkdir`` (claiming a slot, taking the publish lease) and ``rename`` (every file is
-written under a temporary name, then renamed; :func:`ambasync.files.atomic_path`).
+on NFS: ``mkdir`` (taking the publish lease) and ``rename`` (claiming a slot: a folder made
+whole, then renamed to the slot's name; every file: written under a temporary name, then
+renamed, :func:`ambasync.files.atomic_path`).
 
 - ``slots/{slot}/`` exists: the slot is claimed (``claim.json`` says for which experiment, by
-  which writer). Claims are taken by ``mkdir``, so two writers never get one slot.
+  which writer). A claim is a folder renamed into place, so two writers never get one slot.
 - ``slots/{slot}/member.json``: the slot's chunks hold that experiment's grids, whose
-  :func:`~ambasync.cube.layout.grid_sha256` is recorded. Written after the chunks, so a
+  :func:`~ambasync.cube.layout.values_sha256` is recorded per volume. Written after the chunks, so a
   record never points at data that is not there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -68,6 +70,11 @@ def _read_json(path: Path) -> dict | None:
         return None  # cannot happen with atomic writes; treated as absent, so the slot is redone
 
 
+def _claim_doc(experiment_id: int, writer: str) -> dict:
+    return {"experiment_id": experiment_id, "writer": writer, "host": socket.gethostname(), "pid": os.getpid(),
+            "time": time.time()}
+
+
 def _member(slot: int, doc: dict) -> Member:
     return Member(slot, int(doc["experiment_id"]), doc["sha256"], doc.get("volumes", {}), doc.get("fields", {}))
 
@@ -108,20 +115,23 @@ class Slots:
 
     def claim(self, experiment_id: int, writer: str, taken: set[int], start: int = 0) -> int:
         """Take the lowest free slot at or above ``start`` for ``experiment_id``. ``taken`` is the
-        caller's view of claimed slots (kept up to date here); ``mkdir`` settles any race."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        caller's view of claimed slots (kept up to date here); the rename settles any race."""
         slot = start
         while True:
             while slot in taken:
                 slot += 1
-            try:
-                os.mkdir(self._slot_dir(slot))
-            except FileExistsError:  # another writer got there first
-                taken.add(slot)
-                continue
             taken.add(slot)
-            self.write_claim(slot, experiment_id, writer)
-            return slot
+            if self.claim_free(slot, experiment_id, writer):
+                return slot
+
+    def sweep(self, older_than: float = 3600.0) -> None:
+        """Remove half-made claim folders a killed writer left (old enough not to be in flight)."""
+        for tmp in self.dir.glob(".claim-*") if self.dir.is_dir() else ():
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > older_than:
+                    for leftover in tmp.iterdir():
+                        leftover.unlink(missing_ok=True)
+                    tmp.rmdir()
 
     def claim_age(self, slot: int) -> float:
         """Seconds since the slot was claimed (by its folder's time: no clock in the record needed)."""
@@ -135,19 +145,27 @@ class Slots:
         return None if doc is None else Claim(slot, int(doc["experiment_id"]), doc.get("writer", ""))
 
     def claim_free(self, slot: int, experiment_id: int, writer: str) -> bool:
-        """Claim exactly ``slot`` if it is free (``mkdir``); False if anyone holds it."""
+        """Claim exactly ``slot`` if it is free; False if anyone holds it. The claim is made whole
+        in a hidden folder and renamed to the slot's name: a kill never leaves a claim without
+        its claim.json, and of two writers renaming to one name, the second fails (ENOTEMPTY)."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".claim-{uuid.uuid4().hex}"
+        tmp.mkdir()
         try:
-            os.mkdir(self._slot_dir(slot))
-        except FileExistsError:
-            return False
-        self.write_claim(slot, experiment_id, writer)
+            _write_json(tmp / "claim.json", _claim_doc(experiment_id, writer))
+            os.rename(tmp, self._slot_dir(slot))
+        except OSError as exc:
+            for leftover in tmp.glob("*") if tmp.exists() else ():
+                leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.rmdir()
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
         return True
 
     def write_claim(self, slot: int, experiment_id: int, writer: str) -> None:
-        _write_json(self._slot_dir(slot) / "claim.json", {
-            "experiment_id": experiment_id, "writer": writer, "host": socket.gethostname(), "pid": os.getpid(),
-            "time": time.time()})
+        _write_json(self._slot_dir(slot) / "claim.json", _claim_doc(experiment_id, writer))
 
     def write_member(self, member: Member) -> None:
         """Record that the slot's chunks now hold ``member`` (call after writing them)."""

@@ -29,9 +29,10 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from .. import __version__
 from ..errors import ConfigError, DiskFullError, disk_full
@@ -177,17 +178,21 @@ def _root_attrs(settings: CubeSettings, now: float | None) -> dict:
 
 
 def recorded_settings(path: Path) -> dict | None:
-    """The settings a store was made with, or None if it is not a readable ambasync cube."""
-    import zarr
+    """The settings a store was made with, or None if it is not a readable ambasync cube.
 
+    Plain JSON (the root's consolidated metadata, the array's metadata, our settings), no zarr:
+    the run's event-loop process opens the cube without importing numpy."""
     try:
         recorded = json.loads((path / META / "settings.json").read_text())
-        g = zarr.open_group(str(path), mode="r", use_consolidated=True)
-        if int(g.attrs.get("format_version", -1)) != FORMAT_VERSION or "expression" not in g:
+        root = json.loads((path / "zarr.json").read_text())
+        arrays = root["consolidated_metadata"]["metadata"]
+        if (root["zarr_format"], root["node_type"]) != (3, "group") or "expression" not in arrays or \
+                int(root["attributes"]["format_version"]) != FORMAT_VERSION:
             return None
-        g["expression"].shape  # noqa: B018  (its metadata must parse)
-    except Exception:  # noqa: BLE001  any failure to read means damaged or foreign, whatever zarr says
-        return None
+        if json.loads((path / "expression" / "zarr.json").read_text())["node_type"] != "array":
+            return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # any failure to read means damaged or foreign
     return recorded if isinstance(recorded, dict) else None
 
 
@@ -207,6 +212,7 @@ class Cube:
         self.writer = writer
         self.set_aside_to = set_aside_to  # where a damaged, foreign or (with force) other store went
         self.slots = Slots(self.path / META)
+        self.slots.sweep()
         self._taken = self.slots.taken()
         members, self._orphans = self.slots.scan()
         self._by_id: dict[int, Member] = {}
@@ -464,6 +470,8 @@ def _resize(array, shape: tuple[int, ...]) -> None:
 
 def _publish(path: Path, settings: CubeSettings, members: Mapping[int, Member], now: float | None,
              workers: int) -> PublishResult:
+    import numpy as np
+
     import zarr
 
     g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
@@ -536,6 +544,8 @@ def _rebuild_blocks(path: Path, settings: CubeSettings, by_slot: Mapping[int, Me
     """Rebuild the voxel-major chunks and coverage counts of ``blocks``, each block split into
     slabs of zspace chunks, one task per (block, slab) on ``workers`` processes: a task holds one
     slab of one block (block × slab × 637 KB / 41 planes), so memory stays bounded."""
+    import numpy as np
+
     if not blocks:
         return
     geo = geometry(settings)
@@ -574,6 +584,8 @@ def _rebuild_slab(store: str, settings: CubeSettings, b: int, rows: list[tuple[i
     """One (block, slab) task: read the block's volume-major chunks (empty slots: -1), keep the
     slab, write its voxel-major chunks (full chunk shape, padded with -1, as zarr stores edge
     chunks), return its per-plane counts of voxels with data."""
+    import numpy as np
+
     geo = geometry(settings)
     codec = layout.blosc(settings.codec)
     by_voxel_codec = layout.blosc(settings.by_voxel_codec)
@@ -624,6 +636,8 @@ def _store_size(path: Path) -> int:
 
 def cube_summary(path: str | os.PathLike) -> CubeSummary:
     """Experiments, size on disk and last update of the cube at ``path`` (what readers see)."""
+    import numpy as np
+
     import zarr
 
     path = Path(path)
