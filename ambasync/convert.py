@@ -98,15 +98,31 @@ def init_worker(run_pid: int | None = None) -> None:
         threading.Thread(target=_exit_with, args=(run_pid,), daemon=True, name="ambasync-watchdog").start()
 
 
-def _exit_with(pid: int, period: float = 1.0) -> None:
+def _alive(pid: int) -> bool:
+    """Whether the run's process still runs: a killed one not yet reaped by its parent is a
+    zombie, which ``kill(pid, 0)`` still reaches, so /proc's state decides where there is one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _exit_with(pid: int, period: float = 0.2) -> None:
+    """Leave within ``period`` of the run's process (issue: gone within 1 s of it)."""
     while True:
         time.sleep(period)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             os._exit(1)  # a conversion cut short leaves only a temporary file, swept by the next run
-        except PermissionError:
-            pass
 
 
 def start_forkserver() -> multiprocessing.context.BaseContext:

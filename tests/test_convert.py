@@ -129,3 +129,21 @@ async def test_the_conversion_pool_is_replaced_by_fresh_processes_and_never_left
     for r in results:
         data, _ = read_minc(Path(r.outputs[0][1].path))
         np.testing.assert_array_equal(data.astype(np.float32), notebook_ras(rep.raw_grid(r.experiment_id)))
+
+
+def test_workers_see_a_killed_run_as_gone_even_before_it_is_reaped():
+    """After `kill -9` of a run, its conversion workers must leave (issue 10: within 1 s); a
+    killed process its parent has not reaped yet is a zombie that kill(pid, 0) still reaches."""
+    import subprocess
+    import time
+
+    from ambasync.convert import _alive
+
+    child = subprocess.Popen(["sleep", "30"])
+    assert _alive(child.pid)
+    child.kill()
+    deadline = time.monotonic() + 5
+    while _alive(child.pid) and time.monotonic() < deadline:  # the kernel makes it a zombie
+        time.sleep(0.01)
+    assert not _alive(child.pid)  # still unreaped here: nobody called wait() yet
+    child.wait()
