@@ -348,3 +348,23 @@ def test_a_shards_prune_never_removes_another_shards_experiments(tmp_path):
     result = build_from_zips(store, SETTINGS, [*shard[0][1:], new], workers=1, writer="shard 0/2", quiet=True)
     assert result.publish.empty_slots == 0
     assert_exact(xr.open_zarr(store), [*kept, new])
+
+
+def test_density_and_intensity_are_further_exact_variables(tmp_path):
+    """With volumes energy,density,intensity the cube holds all three, each exact, in one slot."""
+    replica = Replica(ReplicaConfig(n_coronal=3, n_sagittal=0, real_dir="/nonexistent"))
+    volumes = ("energy", "density", "intensity")
+    sources = []
+    for row in replica.rows:
+        path = tmp_path / f"{row['experiment_id']}.zip"
+        path.write_bytes(replica.zip_for(row["experiment_id"], include=volumes))
+        sources.append(ZipSource(row["experiment_id"], str(path), row))
+    settings = CubeSettings(volumes=volumes, block=8, by_voxel_chunk=(16, 32, 32))
+    build_from_zips(tmp_path / "cube.zarr", settings, sources, workers=1, quiet=True)
+    ds = xr.open_zarr(tmp_path / "cube.zarr")
+    for s in sources:
+        for volume, variable in zip(volumes, ("expression", "density", "intensity")):
+            want = notebook_ras(raw_from_zip(Path(s.path), f"{volume}.raw"))
+            got = ds[variable].sel(experiment=s.experiment_id).values
+            assert np.array_equal(bits(got), bits(want)), (s.experiment_id, volume)
+    assert not np.array_equal(ds.density.values, ds.expression.values)
