@@ -831,8 +831,8 @@ _FLAGS = {
 }
 
 
-def add_parser(subparsers: Any, common: Any = None) -> argparse.ArgumentParser:
-    """The ``matrix`` subcommand; ``common`` (cli's shared options) is applied when given."""
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``matrix`` subcommand, added to ``ambasync.cli``'s subparsers."""
     p = subparsers.add_parser(
         "matrix", help="gene-by-voxel or gene-by-region matrix from the cube",
         description="Build a gene-by-voxel (or -region) matrix from the cube, by a recipe (default mhts) "
