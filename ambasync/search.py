@@ -14,6 +14,7 @@ run's event-loop process, which never imports numpy.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -103,16 +104,35 @@ def search_mask(values: np.ndarray, spec: str, ds: xr.Dataset, map_name: str) ->
 # The dask graph
 # --------------------------------------------------------------------------------------------
 
-def experiment_blocks(expression: Any, block_bytes: int = BLOCK_BYTES) -> list[Any]:
-    """The cube's ``expression`` (dask, experiment × volume) as delayed blocks of whole
-    experiments, each a whole number of the store's own chunks of about ``block_bytes``."""
+def experiment_blocks(expression: Any, block_bytes: int = BLOCK_BYTES) -> list[tuple[int, int]]:
+    """The cube's ``expression`` (dask, experiment × volume) cut into ranges of whole
+    experiments, each a whole number of the store's own chunks, of about ``block_bytes``."""
     import math
 
     per = math.prod(expression.shape[1:]) * expression.dtype.itemsize
     stored = expression.chunks[0][0]
     n = max(1, block_bytes // per)
     n = max(stored, n // stored * stored)
-    return list(expression.rechunk({0: n, 1: -1, 2: -1, 3: -1}).to_delayed().ravel())
+    total = expression.shape[0]
+    return [(start, min(start + n, total)) for start in range(0, total, n)]
+
+
+@functools.lru_cache(maxsize=4)
+def _plain_cube(location: str) -> Any:
+    """The cube at ``location`` opened without dask, once per process (a worker's too)."""
+    import xarray as xr
+
+    return xr.open_zarr(location, chunks=None, consolidated=None)
+
+
+def read_block(location: str, start: int, stop: int, variable: str = "expression") -> np.ndarray:
+    """Experiments ``start:stop`` of the cube as one array, read in one call: zarr then fetches
+    all their chunks at once. Reading it through the dask array instead costs a task and a
+    synchronous read per stored chunk, which doubled the time of a cube stored one experiment
+    per chunk. The cube was opened and checked by :func:`ambasync.atlas.open_cube` first."""
+    import numpy as np
+
+    return np.asarray(_plain_cube(location)[variable].isel(experiment=slice(start, stop)).values)
 
 
 def _design(map_values: np.ndarray, nulls: list[np.ndarray], method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -129,23 +149,25 @@ def _design(map_values: np.ndarray, nulls: list[np.ndarray], method: str) -> tup
     return standardise_columns(y)
 
 
-def _score_block(block: np.ndarray, voxels: np.ndarray, design: tuple[np.ndarray, np.ndarray],
+def _score_block(location: str, span: tuple[int, int], voxels: np.ndarray, design: tuple[np.ndarray, np.ndarray],
                  method: str) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
     from .search_stats import block_correlations
 
+    block = read_block(location, *span)
     y, y2 = design
     # np.take keeps rows contiguous (fancy indexing on the last axis gives a Fortran-ordered
     # array, which made every later pass over the block several times slower).
     return block_correlations(np.take(block.reshape(block.shape[0], -1), voxels, axis=1), y, method, y2=y2)
 
 
-def _means_block(block: np.ndarray, voxels: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+def _means_block(location: str, span: tuple[int, int], voxels: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
     import numpy as np
 
     from .search_stats import block_means
 
+    block = read_block(location, *span)
     flat = np.take(block.reshape(block.shape[0], -1), voxels, axis=1)
     return (*block_means(flat, target), *block_means(flat, ~target))
 
@@ -219,7 +241,7 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
     import dask
     import numpy as np
 
-    from .atlas import open_cube
+    from .atlas import cube_location, open_cube
     from .nulls import null_spectrum, phase_randomised
     from .search_stats import bh_q, gene_scores, parametric_p, spatial_p
 
@@ -244,7 +266,8 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
     y = dask.delayed(_design, pure=True)(map_values, batches, method)
     voxels = dask.delayed(np.flatnonzero(voxels_mask.ravel()))
     blocks = experiment_blocks(ds["expression"].data)
-    scored = _compute(lambda design: [dask.delayed(_score_block, pure=True)(b, voxels, design, method)
+    location = cube_location(out)
+    scored = _compute(lambda design: [dask.delayed(_score_block, pure=True)(location, b, voxels, design, method)
                                       for b in blocks], scheduler,
                       f"scoring {ds.sizes['experiment']} experiments against the map and {nulls} nulls", progress,
                       first=y)
@@ -286,7 +309,7 @@ def fold_change(out: str, target: str, contrast: str | None = None, mask: str = 
     import dask
     import numpy as np
 
-    from .atlas import open_cube, resolve_mask
+    from .atlas import cube_location, open_cube, resolve_mask
     from .search_stats import log2_fold
 
     ds = open_cube(out)
@@ -308,7 +331,9 @@ def fold_change(out: str, target: str, contrast: str | None = None, mask: str = 
     voxels = dask.delayed(np.flatnonzero(both.ravel()))
     in_target = dask.delayed(target_mask[both])
     blocks = experiment_blocks(ds["expression"].data)
-    parts = _compute(lambda _: [dask.delayed(_means_block, pure=True)(b, voxels, in_target) for b in blocks],
+    location = cube_location(out)
+    parts = _compute(lambda _: [dask.delayed(_means_block, pure=True)(location, b, voxels, in_target)
+                                for b in blocks],
                      scheduler,
                      f"mean expression of {ds.sizes['experiment']} experiments in the two regions", progress)
     t_mean, t_n, c_mean, c_n = (np.concatenate([p[i] for p in parts]) for i in range(4))
@@ -431,5 +456,5 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["SearchResult", "add_parser", "cmd_search", "correlate", "experiment_blocks", "fold_change",
+__all__ = ["SearchResult", "add_parser", "cmd_search", "correlate", "experiment_blocks", "fold_change", "read_block",
            "genes_path", "map_on_cube", "plot_result", "roi_on_cube", "search_mask", "write_table"]
