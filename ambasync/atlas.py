@@ -17,11 +17,11 @@ import numpy as np
 
 from .errors import ConfigError
 from .geometry import Geometry, affine
+from .paths import CUBE_NAME
 
 if TYPE_CHECKING:
     import xarray as xr
 
-CUBE_NAME = "cube.zarr"
 VOLUME_DIMS = ("zspace", "yspace", "xspace")
 COVERAGE_THRESHOLD = 0.8  # the "bin 0.8" coverage masks labs use
 NAMED_MASKS = ("coronal", "sagittal", "brain")

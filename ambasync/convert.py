@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # What every worker needs, imported once by the forkserver before it forks them.
 PRELOAD = ["ambasync.convert", "ambasync.writers", "ambasync.geometry", "ambasync.grid", "ambasync.minc",
-           "ambasync.nifti", "pyminc.volumes.factory"]
+           "ambasync.nifti", "ambasync.cube.writer", "pyminc.volumes.factory"]
 
 
 @dataclass(frozen=True)

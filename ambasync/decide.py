@@ -66,12 +66,14 @@ def checksums_match(rec: Record, out: Path) -> bool:
         return False
 
 
-def decide(record: Record | None, targets: tuple[Target, ...], settings: str, policy: Policy) -> Verdict:
-    """``settings``: the run's :meth:`ConvertSettings.key`; ``targets`` sorted."""
+def decide(record: Record | None, targets: tuple[Target, ...], settings: str, policy: Policy,
+           held: bool = True) -> Verdict:
+    """``settings``: the run's :meth:`ConvertSettings.key`; ``targets`` sorted; ``held``: every
+    store format (the cube) already holds the experiment (``Outputs.holds``)."""
     if policy.force or record is None:
         return Verdict(Action.FETCH)
     if record.status is Status.DONE:
-        if record.settings == settings and record.targets == targets and sizes_match(record, policy.out):
+        if held and record.settings == settings and record.targets == targets and sizes_match(record, policy.out):
             if not policy.verify or checksums_match(record, policy.out):
                 return Verdict(Action.SKIP)
         if policy.zips is not None and record.zip_sha256:
@@ -85,8 +87,9 @@ def decide(record: Record | None, targets: tuple[Target, ...], settings: str, po
     return Verdict(Action.FETCH)
 
 
-async def judge(record: Record | None, targets: tuple[Target, ...], settings: str, policy: Policy) -> Verdict:
+async def judge(record: Record | None, targets: tuple[Target, ...], settings: str, policy: Policy,
+                held: bool = True) -> Verdict:
     """:func:`decide` from the event loop: in a thread when it reads whole files (verify)."""
     if policy.verify and record is not None:
-        return await asyncio.to_thread(decide, record, targets, settings, policy)
-    return decide(record, targets, settings, policy)
+        return await asyncio.to_thread(decide, record, targets, settings, policy, held)
+    return decide(record, targets, settings, policy, held)

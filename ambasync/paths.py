@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .config import Config
 
+CUBE_NAME = "cube.zarr"  # the cube store, inside the output folder (docs/cube.md)
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -40,6 +42,11 @@ class Paths:
     @property
     def reports(self) -> Path:
         return self.out / "reports"
+
+    @property
+    def cube(self) -> Path:
+        """The expression cube, shared by every shard (it keeps its own membership)."""
+        return self.out / CUBE_NAME
 
     @property
     def zips(self) -> Path:

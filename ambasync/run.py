@@ -23,7 +23,7 @@ from . import early_signals
 from .catalog import InvalidRow, Row, Total
 from .config import Config
 from .decide import Action, Policy, judge
-from .errors import EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, UpstreamError, disk_full
+from .errors import EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, RunError, UpstreamError, disk_full
 from .files import sweep_tmp
 from .lock import OutputLock, layout_for
 from .manifest import write_manifest
@@ -87,6 +87,7 @@ class Run:
                 if recovery is not None:
                     log.warning("%s", recovery.text())
                     self.summary.state_recovery = recovery.to_dict()
+                self.outputs.begin(self.opts.force)  # e.g. the cube: refused here if made with other settings
                 state = State(self.paths.state)
                 run_id = state.start_run()
                 recorder = Recorder(state, run_id, self.settings.key(), out, self.summary, self.progress, self.outputs)
@@ -153,7 +154,8 @@ class Run:
                         recorder.seen(item, plane)
                         record = recorder.state.get(item.experiment_id)
                         targets = self.outputs.targets(item, plane)
-                        verdict = await judge(record, targets, settings, self.policy)
+                        verdict = await judge(record, targets, settings, self.policy,
+                                              self.outputs.holds(item.experiment_id))
                         if verdict.action in (Action.SKIP, Action.QUARANTINE):
                             self.progress.count(verdict.action.value)
                         else:
@@ -213,7 +215,12 @@ class Run:
         try:
             if complete:
                 recorder.vanished(self.cfg.planes, self.opts.prune)
-            self.outputs.at_end(state, complete)
+            try:
+                if not self.interrupted:  # a signal wants the run gone now; the next run publishes
+                    self.outputs.at_end(state, complete, self.opts.prune)
+            except RunError as exc:  # e.g. disk full while publishing the cube: the previous one stays readable
+                log.error("%s", exc)
+                s.error, s.exit_code = str(exc), exc.exit_code
             state.commit()
             await write_manifest(state, self.paths.manifest)
             state.finish_run(recorder.run_id, s.exit_code, {k: v for k, v in s.to_dict().items() if k != "failures"})

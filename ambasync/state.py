@@ -225,6 +225,10 @@ class State:
               "WHERE status IN ('failed', 'invalid') ORDER BY experiment_id"
         return self.db.execute(sql + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
 
+    def experiment_ids(self) -> list[int]:
+        """Every experiment the state holds, whatever its status."""
+        return [r[0] for r in self.db.execute("SELECT experiment_id FROM experiments ORDER BY experiment_id")]
+
     def ids_with_status(self, status: Status) -> list[int]:
         return [r[0] for r in self.db.execute(
             "SELECT experiment_id FROM experiments WHERE status = ? ORDER BY experiment_id", (status.value,))]

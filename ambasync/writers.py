@@ -53,5 +53,14 @@ class NiftiWriter:
         return write_nifti(data, geometry, out / target.path, self.settings.dtype)
 
 
+def cube_writer(settings: ConvertSettings) -> OutputWriter:
+    """The cube's slot writer (:class:`ambasync.cube.CubeWriter`), imported in the worker only:
+    the event-loop process never imports numpy or zarr."""
+    from .cube.writer import CubeWriter
+
+    return CubeWriter(settings)
+
+
 # Format name -> how the worker makes its writer from the run's settings.
-WRITERS: dict[str, Callable[[ConvertSettings], OutputWriter]] = {"minc": MincWriter, "nifti": NiftiWriter}
+WRITERS: dict[str, Callable[[ConvertSettings], OutputWriter]] = {
+    "minc": MincWriter, "nifti": NiftiWriter, "cube": cube_writer}

@@ -135,3 +135,20 @@ def test_cli_refuses_nan_from_a_flag_or_the_environment_in_one_line_with_exit_co
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "AMBASYNC_DOWNLOAD_READ_TIMEOUT" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_output_formats_come_from_flag_config_and_environment_and_a_typo_is_one_line(tmp_path):
+    """A nightly job asking for the cube must get it; `--formats minc,zarr` must stop at once, not
+    after hours of downloads."""
+    from ambasync.config import FORMATS
+    from ambasync.outputs import OUTPUTS
+    from ambasync.writers import WRITERS
+
+    assert load_config(None, environ={}).output.formats == ["minc"]
+    assert load_config(None, {("output", "formats"): "minc,cube"}, environ={}).output.formats == ["minc", "cube"]
+    assert load_config(None, environ={"AMBASYNC_OUTPUT_FORMATS": "nifti"}).output.formats == ["nifti"]
+    for bad in ("minc,zarr", "", "minc,minc"):
+        with pytest.raises(ConfigError, match="output.formats"):
+            load_config(None, {("output", "formats"): bad}, environ={})
+    # Every format a user may name has both halves: a worker-side writer and main-process hooks.
+    assert set(FORMATS) == set(OUTPUTS) == set(WRITERS)

@@ -116,3 +116,16 @@ def test_selection_takes_each_id_once_honours_filters_shards_and_stops_at_the_li
     genes = Selection(genes=frozenset({"Nrp1"}))
     assert [genes.take(_row(1, "Nrp1")), genes.take(_row(2, "Avp"))] == [Take.TAKE, Take.UNWANTED]
     assert genes.filtered
+
+
+def test_a_done_experiment_the_cube_lacks_is_converted_again_from_its_kept_zip_or_fetched(tmp_path):
+    """Asking an existing MINC mirror for the cube must fill the cube, from kept zips where
+    they are, and must not leave it empty because the MINC files are up to date."""
+    zips = tmp_path / "zips"
+    kept = zips / "ab" / ("ab" + "0" * 62 + ".zip")
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"zip")
+    rec = record(tmp_path, zip_sha256="ab" + "0" * 62)
+    assert decide(rec, TARGETS, SETTINGS, policy(tmp_path, zips=zips), held=False) == Verdict(Action.RECONVERT, kept)
+    assert decide(rec, TARGETS, SETTINGS, policy(tmp_path), held=False).action is Action.FETCH
+    assert decide(rec, TARGETS, SETTINGS, policy(tmp_path, zips=zips), held=True).action is Action.SKIP
