@@ -16,6 +16,20 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+def print_cube(paths: Paths) -> None:
+    """The cube, as its readers see it (the last publish): experiments, size, last update."""
+    if not paths.cube.is_dir():
+        return
+    from .cube import cube_summary
+
+    cube = cube_summary(paths.cube)
+    if cube.settings is None and not cube.experiments:
+        print(f"\ncube {paths.cube}: not readable yet (the next run publishes it), {cube.size_bytes / 1e6:.1f} MB")
+        return
+    print(f"\ncube {paths.cube}: {cube.experiments} experiments, {cube.size_bytes / 1e6:.1f} MB on disk, "
+          f"last update {cube.updated or '-'}")
+
+
 def print_status(cfg: Config, failures: int = 20) -> int:
     paths = Paths.for_config(cfg)
     check_output_folder(paths.out, create=False, writable=False)
@@ -36,6 +50,7 @@ def print_status(cfg: Config, failures: int = 20) -> int:
             print(f"  #{run['run_id']} {_when(run['started'])} {outcome}: {summary.get('done', 0)} done, "
                   f"{summary.get('failed', 0)} failed, {summary.get('skipped', 0)} skipped, "
                   f"{summary.get('duration_s', 0):.0f} s")
+        print_cube(paths)
         rows = state.failures(failures)
         if rows:
             print(f"\nfailures (first {failures}):")

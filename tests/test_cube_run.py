@@ -89,3 +89,13 @@ async def _cli(*args: str):
     import subprocess
 
     return await asyncio.to_thread(subprocess.run, ambasync_cmd(*args), capture_output=True, text=True, timeout=120)
+
+
+async def test_status_shows_the_cube(tmp_path):
+    async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0, real_dir="/nonexistent")) as (_, url):
+        await mirror(url, tmp_path, output__formats=["minc", "cube"])
+    done = await _cli("status", "--out", str(tmp_path))
+    line = next(x for x in done.stdout.splitlines() if x.startswith("cube "))
+    size = sum(p.stat().st_size for p in (tmp_path / "cube.zarr").rglob("*") if p.is_file())
+    assert done.returncode == 0 and ": 3 experiments," in line and f"{size / 1e6:.1f} MB" in line
+    assert "last update 20" in line
