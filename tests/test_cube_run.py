@@ -99,3 +99,16 @@ async def test_status_shows_the_cube(tmp_path):
     size = sum(p.stat().st_size for p in (tmp_path / "cube.zarr").rglob("*") if p.is_file())
     assert done.returncode == 0 and ": 3 experiments," in line and f"{size / 1e6:.1f} MB" in line
     assert "last update 20" in line
+
+
+async def test_two_shards_running_together_give_one_complete_exact_cube(tmp_path):
+    import asyncio
+
+    async with serve(ReplicaConfig(n_coronal=5, n_sagittal=3)) as (rep, url):
+        results = await asyncio.gather(*(mirror(url, tmp_path, output__formats=["minc", "cube"], source__plane="all",
+                                                source__shard=f"{k}/2", convert__workers=1) for k in (0, 1)))
+        assert [r.exit_code for r in results] == [0, 0]
+        # the shard that publishes last sees every member: each shard records before it publishes
+        cube = xr.open_zarr(tmp_path / "cube.zarr")
+        assert (cube.experiment.values >= 0).all()  # no empty slot left
+        assert_exact(cube, rep)
