@@ -8,8 +8,9 @@ of its p-values.
   grids, cycled from 64 variants), ``--nulls 0``, end to end from a fresh process (Python
   start-up included): wall time and peak RSS of the process tree, against the faithful
   baseline a user would write (read each experiment from the cube with xarray, ``np.corrcoef``
-  over its voxels with data); the time is extrapolated linearly to the 26,078 experiments
-  of the atlas (the work is one pass over the cube's chunks).
+  over its voxels with data), on the cube stored 8 experiments per chunk (as the test cubes)
+  and one per chunk (as the production writer); two sizes give the cost per experiment, which
+  extrapolates linearly to the 26,078 experiments of the atlas (one pass over the cube).
 * ``nulls``: the default 1,000 nulls on ``--nulls-experiments`` experiments, fresh process.
 * ``calibration``: the share of p < 0.05 over ``--maps`` smooth random maps against smooth
   experiments (Gaussian-filtered noise in the real template brain mask, as tests/test_search.py),
@@ -36,7 +37,6 @@ from bench.run import PY, measure
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # conftest's MINC reader: one copy
 TEMPLATE_MASK = REPO / "tests" / "fixtures" / "average_template_200um_mask.mnc"
-ATLAS_EXPERIMENTS = 26_078
 STARTS, STEP = (-2.7, -7.9, -5.7), 0.2  # the cube's grid (zspace, yspace, xspace)
 
 
@@ -91,16 +91,36 @@ def bench_rank(work: Path, sizes: list[int]) -> list[dict]:
         t = time.perf_counter()
         write_cube(cube, _experiments(n, VARIANTS))
         print(f"cube of {n} experiments written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        ours = measure("search --nulls 0", [PY, "-m", "ambasync", "search", str(map_path), "--out", str(cube),
-                                            "--to", str(work / "r.csv"), "--nulls", "0", "--mask", "coronal", "-q"], n)
+        one = work / f"rank{n}-one"
+        _one_per_chunk(cube, one)
         base = measure("baseline loop", [PY, "-m", "bench.search", "--child-baseline", str(cube), str(map_path)], n)
-        rows.append({"experiments": n, "search_s": ours.wall_s, "search_rss_mb": ours.peak_rss_mb,
-                     "baseline_s": base.wall_s, "baseline_rss_mb": base.peak_rss_mb,
-                     "speedup": round(base.wall_s / ours.wall_s, 2),
-                     "search_s_at_atlas": round(ours.wall_s * ATLAS_EXPERIMENTS / n, 1)})
-        print(rows[-1], file=sys.stderr)
+        for layout, folder in (("8 experiments per chunk", cube), ("1 experiment per chunk", one)):
+            ours = measure("search --nulls 0", [PY, "-m", "ambasync", "search", str(map_path), "--out", str(folder),
+                                                "--to", str(work / "r.csv"), "--nulls", "0", "--mask", "coronal",
+                                                "-q"], n)
+            rows.append({"experiments": n, "layout": layout, "search_s": ours.wall_s, "search_cpu_s": ours.cpu_s,
+                         "search_rss_mb": ours.peak_rss_mb, "baseline_s": base.wall_s,
+                         "baseline_rss_mb": base.peak_rss_mb, "speedup": round(base.wall_s / ours.wall_s, 2)})
+            print(rows[-1], file=sys.stderr)
         shutil.rmtree(cube)
+        shutil.rmtree(one)
     return rows
+
+
+def _one_per_chunk(src: Path, dst: Path) -> None:
+    """A copy of the cube stored one experiment per chunk, as the production writer stores it
+    (ambasync/cube/layout.py), to measure the per-chunk cost of reading."""
+    import warnings
+
+    import xarray as xr
+
+    ds = xr.open_zarr(src / "cube.zarr")
+    for variable in ds.variables.values():
+        variable.encoding.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.chunk({"experiment": 1}).to_zarr(dst / "cube.zarr", mode="w", zarr_format=3, consolidated=True,
+                                            encoding={"expression": {"chunks": (1, *ds["expression"].shape[1:])}})
 
 
 def bench_nulls(work: Path, n: int, nulls: int) -> dict:
