@@ -105,14 +105,17 @@ def search_mask(values: np.ndarray, spec: str, ds: xr.Dataset, map_name: str) ->
 # --------------------------------------------------------------------------------------------
 
 def experiment_blocks(expression: Any, block_bytes: int = BLOCK_BYTES) -> list[tuple[int, int]]:
-    """The cube's ``expression`` (dask, experiment × volume) cut into ranges of whole
-    experiments, each a whole number of the store's own chunks, of about ``block_bytes``."""
+    """The cube's ``expression`` (an xarray DataArray, experiment × volume) cut into ranges of
+    whole experiments of about ``block_bytes``: a whole number of the store's own chunks when
+    they are smaller than that (however dask was asked to chunk it: blocks are read by
+    :func:`read_block`, not through the dask array)."""
     import math
 
     per = math.prod(expression.shape[1:]) * expression.dtype.itemsize
-    stored = expression.chunks[0][0]
+    stored = int((expression.encoding.get("chunks") or (1,))[0])
     n = max(1, block_bytes // per)
-    n = max(stored, n // stored * stored)
+    if stored <= n:
+        n = n // stored * stored
     total = expression.shape[0]
     return [(start, min(start + n, total)) for start in range(0, total, n)]
 
@@ -265,7 +268,7 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
                                                                      spectrum=spectrum))
     y = dask.delayed(_design, pure=True)(map_values, batches, method)
     voxels = dask.delayed(np.flatnonzero(voxels_mask.ravel()))
-    blocks = experiment_blocks(ds["expression"].data)
+    blocks = experiment_blocks(ds["expression"])
     location = cube_location(out)
     scored = _compute(lambda design: [dask.delayed(_score_block, pure=True)(location, b, voxels, design, method)
                                       for b in blocks], scheduler,
@@ -330,7 +333,7 @@ def fold_change(out: str, target: str, contrast: str | None = None, mask: str = 
     both = target_mask | contrast_mask
     voxels = dask.delayed(np.flatnonzero(both.ravel()))
     in_target = dask.delayed(target_mask[both])
-    blocks = experiment_blocks(ds["expression"].data)
+    blocks = experiment_blocks(ds["expression"])
     location = cube_location(out)
     parts = _compute(lambda _: [dask.delayed(_means_block, pure=True)(location, b, voxels, in_target)
                                 for b in blocks],
