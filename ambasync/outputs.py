@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -133,8 +132,10 @@ class CubeOutput:
     def begin(self, force: bool) -> None:
         from .cube import Cube
 
-        shard = f"shard {self.shard[0]}/{self.shard[1]}" if self.shard else "unsharded"
-        self._cube = Cube.open(self.path, self.settings, writer=f"{shard} on {socket.gethostname()}", force=force)
+        # The writer is the shard, not the machine: a shard's next run (a Kubernetes pod on
+        # another node) must compact the slots its earlier runs wrote. Claims record the host.
+        writer = f"shard {self.shard[0]}/{self.shard[1]}" if self.shard else "unsharded"
+        self._cube = Cube.open(self.path, self.settings, writer=writer, force=force)
         if self._cube.set_aside_to is not None:
             log.warning("the cube at %s could not be used as it was: kept as %s; building a new one",
                         self.path, self._cube.set_aside_to)
