@@ -53,6 +53,32 @@ def check_output(out: Path, o: Output, settings: str | None) -> str | None:
     return None
 
 
+def check_cube(cfg: Config, paths: Paths, done: list[int]) -> list[int]:
+    """Done experiments the cube lacks, or whose slot no longer holds the values its member
+    record names (a damaged or missing chunk: taken out of the cube, named in the log). The
+    next run (or ``--repair``) converts them again. Only when the run's formats include the cube."""
+    if "cube" not in cfg.output.formats or not paths.cube.is_dir():
+        return []
+    from .cube.writer import slot_sha256
+    from .outputs import CubeOutput
+
+    output = CubeOutput.from_config(cfg, paths)
+    output.begin(force=False)
+    broken = []
+    for eid, member in sorted(output.cube.members().items()):
+        bad = [v for v, sha in member.volumes.items() if slot_sha256(paths.cube, member.slot, v) != sha]
+        if bad:
+            log.error("experiment %s: cube slot %d holds other values than recorded (%s)", eid, member.slot,
+                      ", ".join(bad))
+            output.cube.remove(eid)
+            broken.append(eid)
+    lacking = output.cube.missing(done)
+    print(f"verify: {len(output.cube.members()) + len(broken)} experiments of the cube checked, {len(broken)} "
+          f"damaged; {len(lacking)} done experiments missing from the cube"
+          + (" (converted again by the next run)" if lacking else ""))
+    return lacking
+
+
 def verify_mirror(cfg: Config, repair: bool = False) -> int:
     """Exit code: 0 when every file is what the state says (with ``repair``: once every broken
     one was fetched again and checked), 1 when some are still broken or waiting."""
@@ -76,6 +102,8 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
                     log.error("experiment %s (%s): %s", rec.experiment_id, rec.gene, "; ".join(problems))
                     state.mark_pending(rec.experiment_id, "verify: " + "; ".join(problems))
             waiting = [eid for eid in state.ids_with_status(Status.PENDING) if eid not in broken]
+            done = state.ids_with_status(Status.DONE)
+            cube_broken = [eid for eid in check_cube(cfg, paths, done) if eid not in broken]
             if broken:  # the manifest is the state's export: it must not go on saying "done"
                 asyncio.run(write_manifest(state, paths.manifest))
         finally:
@@ -84,11 +112,11 @@ def verify_mirror(cfg: Config, repair: bool = False) -> int:
           + (" (marked for the next run)" if broken and not repair else ""))
     if waiting:
         print(f"verify: {len(waiting)} more experiments are waiting to be fetched again (found broken earlier)")
-    if not (broken or waiting):
+    if not (broken or waiting or cube_broken):
         return EXIT_OK
     if not repair:
         return EXIT_FAILED
-    return _repair(cfg, paths, broken + waiting)
+    return _repair(cfg, paths, broken + waiting + cube_broken)
 
 
 def _repair(cfg: Config, paths: Paths, ids: list[int]) -> int:

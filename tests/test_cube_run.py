@@ -83,12 +83,14 @@ async def test_a_cube_of_other_settings_is_never_mixed(tmp_path):
         assert list(tmp_path.glob("cube.zarr.replaced-*")), "the old cube is kept beside the new one"
 
 
-async def _cli(*args: str):
+async def _cli(*args: str, env: dict | None = None):
     """The command as a user runs it (its own process), while this loop serves the replica."""
     import asyncio
+    import os
     import subprocess
 
-    return await asyncio.to_thread(subprocess.run, ambasync_cmd(*args), capture_output=True, text=True, timeout=120)
+    return await asyncio.to_thread(subprocess.run, ambasync_cmd(*args), capture_output=True, text=True, timeout=120,
+                                   env={**os.environ, **(env or {})})
 
 
 async def test_status_shows_the_cube(tmp_path):
@@ -112,3 +114,21 @@ async def test_two_shards_running_together_give_one_complete_exact_cube(tmp_path
         cube = xr.open_zarr(tmp_path / "cube.zarr")
         assert (cube.experiment.values >= 0).all()  # no empty slot left
         assert_exact(cube, rep)
+
+
+async def test_verify_finds_a_damaged_cube_chunk_and_repair_restores_it(tmp_path):
+    """A cube chunk altered on disk must not be trusted for ever: verify names it, exits 1, and
+    --repair converts it again (the MINC files were fine: only the cube is redone)."""
+    async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0, real_dir="/nonexistent")) as (rep, url):
+        await mirror(url, tmp_path, output__formats=["minc", "cube"])
+        cube = xr.open_zarr(tmp_path / "cube.zarr")
+        victim = int(cube.experiment.values[1])
+        chunk = tmp_path / "cube.zarr" / "expression" / "c" / "1" / "0" / "0" / "0"  # slot 1's chunk
+        chunk.write_bytes(chunk.read_bytes()[:-7] + b"garbage")
+        args = ("verify", "--out", str(tmp_path))
+        env_formats = {"AMBASYNC_OUTPUT_FORMATS": "minc,cube", "AMBASYNC_SOURCE_BASE_URL": url}
+        done = await _cli(*args, env=env_formats)
+        assert done.returncode == 1 and f"experiment {victim}: cube slot 1" in done.stderr, done.stderr
+        done = await _cli(*args, "--repair", env=env_formats)
+        assert done.returncode == 0, done.stderr
+        assert_exact(xr.open_zarr(tmp_path / "cube.zarr"), rep)
