@@ -4,6 +4,7 @@
     python -m bench --scenario loopback --experiments 1000
     python -m bench --scenario memory        # peak RSS at 200 and 2,000 experiments (loopback)
     python -m bench --scenario atlas         # 26,078 rows mirrored, then the no-op nightly run
+    python -m bench --scenario cube --experiments 1000   # --formats minc,cube against minc alone, in pairs
 
 Every method runs as its own process tree against the project's replica
 (127.0.0.1) and is measured from outside: wall time, experiments/s, peak RSS
@@ -217,6 +218,35 @@ def scenario_atlas(args: argparse.Namespace, work: Path) -> dict:
                        "nightly wall s": nightly.wall_s}}
 
 
+def scenario_cube(args: argparse.Namespace, work: Path) -> dict:
+    """The cost of the cube: the same mirror with `--formats minc` and `--formats minc,cube`, in
+    alternated pairs against one replica (loopback unless --latency-ms/--bandwidth-kbps), each
+    from an empty folder; the ratio is taken pair by pair, so a drifting machine cancels out."""
+    n = args.experiments
+    server = ReplicaProcess("--experiments", str(n), "--sagittal", "0", "--variants", "256", "--prebuild",
+                            "--latency-ms", str(args.latency_ms), "--bandwidth-kbps", str(args.bandwidth_kbps))
+    results, ratios = [], []
+    try:
+        for pair in range(args.pairs):
+            times = {}
+            for formats in ("minc", "minc,cube"):
+                out = work / f"{formats.replace(',', '-')}-{pair}"
+                r = measure(f"ambasync --formats {formats}", ambasync_cmd(server.url, out, n, args.concurrency,
+                                                                          "--formats", formats), n, note=f"pair {pair}")
+                results.append(r)
+                times[formats] = r.wall_s
+                shutil.rmtree(out, ignore_errors=True)
+            ratios.append(times["minc,cube"] / times["minc"])
+    finally:
+        server.close()
+    ratios.sort()
+    return {"scenario": "cube", "settings": {"experiments": n, "latency_ms": args.latency_ms,
+                                             "bandwidth_kbps": args.bandwidth_kbps, "pairs": args.pairs},
+            "results": [asdict(r) for r in results],
+            "ratios": {"wall minc,cube / minc, per pair": [round(x, 3) for x in ratios],
+                       "median": round(ratios[len(ratios) // 2], 3)}}
+
+
 def print_table(report: dict) -> None:
     print(f"\nscenario: {report['scenario']}  {report.get('settings', '')}")
     print(f"{'method':<22} {'exps':>6} {'wall s':>9} {'exps/s':>9} {'peak RSS MB':>12} {'CPU s':>8} {'1st req s':>9} "
@@ -233,7 +263,9 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=("realistic", "loopback", "memory", "atlas"), default="realistic")
+    p.add_argument("--scenario", choices=("realistic", "loopback", "memory", "atlas", "cube"),
+                   default="realistic")
+    p.add_argument("--pairs", type=int, default=3, help="cube scenario: alternated pairs of runs")
     p.add_argument("--experiments", type=int, default=64)
     p.add_argument("--latency-ms", type=float, default=None, help="default 250 (realistic) or 0 (loopback)")
     p.add_argument("--bandwidth-kbps", type=float, default=None, help="per connection; default 600 or 0")
@@ -243,14 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     args = p.parse_args(argv)
-    realistic = args.scenario == "realistic"
+    realistic = args.scenario == "realistic"  # the cube scenario is loopback unless told otherwise
     args.latency_ms = args.latency_ms if args.latency_ms is not None else (250.0 if realistic else 0.0)
     args.bandwidth_kbps = args.bandwidth_kbps if args.bandwidth_kbps is not None else (600.0 if realistic else 0.0)
     args.methods = set(args.methods.split(","))
     work = Path(tempfile.mkdtemp(prefix="ambasync-bench-"))
     try:
         run = {"realistic": scenario_compare, "loopback": scenario_compare, "memory": scenario_memory,
-               "atlas": scenario_atlas}[args.scenario]
+               "atlas": scenario_atlas, "cube": scenario_cube}[args.scenario]
         report = run(args, work)
     finally:
         if not args.keep:
