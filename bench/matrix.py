@@ -186,7 +186,7 @@ def scenario_knn(shapes: list[tuple[int, int]]) -> dict:
     grids' zeros): seconds and peak memory growth, to fit its scaling in genes and voxels."""
     import resource
 
-    from ambasync.matrix import knn_impute
+    from ambasync.matrix_impute import knn_impute
 
     rng = np.random.default_rng(0)
     rows = []

@@ -401,7 +401,7 @@ def test_knn_chunks_over_dask_give_identical_numbers():
     from sklearn.impute import KNNImputer
 
     from ambasync.atlas import compute_on
-    from ambasync.matrix import knn_impute
+    from ambasync.matrix_impute import knn_impute
 
     rng = np.random.default_rng(1)
     x = rng.gamma(2.0, 1.0, (12, 900))
@@ -598,7 +598,7 @@ def test_csv_numbers_read_back_to_the_same_doubles(orjson_installed, monkeypatch
     field, with orjson's formatter or, without it, Arrow's."""
     import io
 
-    from ambasync.matrix import _csv_rows
+    from ambasync.matrix_write import _csv_rows
 
     if not orjson_installed:
         monkeypatch.setitem(sys.modules, "orjson", None)  # what `import orjson` sees when it is absent
