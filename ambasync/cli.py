@@ -19,7 +19,7 @@ from .errors import EXIT_OK, EXIT_SIGINT, EXIT_USAGE, RunError, exit_codes_text
 from .geometry import ORIENTATIONS, SPACES
 from .minc import DTYPES
 from .matrix_cli import add_parser as add_matrix_parser, cmd_matrix
-from .search import add_parser as add_search_parser, cmd_search
+from .search_cli import add_parser as add_search_parser, cmd_search
 from .report import setup_logging
 
 EXIT_CODES = exit_codes_text()

@@ -3,21 +3,28 @@
 Left, one row per volume: the user's map, then the top experiments, each cut by the same
 three orthogonal slices (axial, coronal, sagittal) through the map's strongest voxel.
 Right, the top experiments' correlations as a ranked bar chart. matplotlib's object API
-(no pyplot state), the Agg canvas, written atomically.
+(no pyplot state), the Agg canvas, written atomically. :func:`plot_result` picks the volumes
+from a search's result and the cube; :func:`render` draws them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .files import atomic_path
 
+if TYPE_CHECKING:
+    from .search import SearchResult
+
 FIGSIZE_IN = (16.0, 10.0)  # width, height in inches
 DPI = 100  # so the PNG is 1600 × 1000 pixels
 MAP_CMAP = "RdBu_r"  # diverging: maps are signed statistics
 EXPRESSION_CMAP = "magma"
+TOP_PLOTTED = 4  # experiments whose slices --plot shows beside the map
+TOP_BARS = 20  # bars in --plot's ranked chart
 
 
 def slice_point(values: np.ndarray, mask: np.ndarray) -> tuple[int, int, int]:
@@ -78,3 +85,16 @@ def render(path: Path, map_values: np.ndarray, mask: np.ndarray, volumes: list[n
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     return Path(path)
+
+
+def plot_result(result: SearchResult, out: str, path: str | Path, map_name: str) -> Path:
+    """``--plot``: the map's orthogonal slices beside the top experiments', and the top bars."""
+    from .atlas import open_cube
+
+    top = result.experiments.dropna(subset=["r"]).head(TOP_PLOTTED)
+    ds = open_cube(out)
+    volumes = [np.asarray(ds["expression"].sel(experiment=int(i)).values, dtype=np.float64)
+               for i in top["experiment_id"]]
+    return render(Path(path), result.map_values, result.mask, volumes,
+                  [f"{g} ({i}, {p})" for g, i, p in zip(top["gene"], top["experiment_id"], top["plane"])],
+                  result.experiments.dropna(subset=["r"]).head(TOP_BARS), map_name)
