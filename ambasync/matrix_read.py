@@ -37,7 +37,9 @@ def read_catalogue(ds: Any) -> Any:
 def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: int | None,
                 digest: Any, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows of this block in ``sel`` order, masked float32 voxels), whole genes per block.
-    The next block is read (dask: decompression on every core) while the caller works on this one."""
+    The next block is read (dask: decompression on every core) while the caller works on this one.
+    Not :func:`ambasync.atlas.read_experiments`, which reads a range of storage positions: a
+    recipe's experiments are scattered positions (one plane, a gene list), gathered here."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
