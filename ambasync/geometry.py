@@ -37,6 +37,9 @@ ALLEN_DIM_SIZES = {
     (67, 41, 58): 200,
 }
 
+# The 200 µm grid as stored (PIR), as a C-order numpy shape (z, y, x): DimSize 67 41 58 reversed.
+GRID_SHAPE_200UM = (58, 41, 67)
+
 # Centres (x, y, z) in µm and direction cosines, verbatim from the notebook.
 _CENTERS = {
     "RAS": {"MICe": (5700, 7900, 2700), "CCFv3": (0, 13200, 8000)},

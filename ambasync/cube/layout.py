@@ -21,11 +21,15 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..paths import CUBE_NAME
+
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..geometry import Geometry
+
 FORMAT_VERSION = 1
-STORE_NAME = "cube.zarr"
+STORE_NAME = CUBE_NAME  # inside the output folder (paths.py holds the layout)
 DIMS = ("zspace", "yspace", "xspace")
 VARIABLE_OF_VOLUME = {"energy": "expression", "density": "density", "intensity": "intensity"}
 BY_VOXEL = "expression_by_voxel"  # the voxel-major copy of ``expression``
@@ -148,3 +152,10 @@ def catalogue_value(column: str, value) -> object:
         return int(value)
     except (TypeError, ValueError):
         return -1
+
+
+def geometry(settings: CubeSettings) -> Geometry:
+    """The cube's grid: the MINC files' geometry of the 200 µm grid for these settings."""
+    from ..geometry import GRID_SHAPE_200UM, output_geometry
+
+    return output_geometry(GRID_SHAPE_200UM, settings.orientation, settings.space, settings.expansion)

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 from .. import __version__
 from ..errors import ConfigError, DiskFullError, disk_full
 from ..files import atomic_path
-from ..geometry import Geometry, output_geometry
 from . import layout
 from .layout import (
     BY_VOXEL, CATALOGUE_COLUMNS, COORD_CHUNK, DIMS, FILL, FLOAT_COLUMNS, FORMAT_VERSION, INT_COLUMNS, META,
@@ -45,7 +44,6 @@ from .layout import (
 )
 from .slots import Member, Slots, lease
 
-ALLEN_GRID_SHAPE = (58, 41, 67)  # the 200 µm Allen grid as stored (PIR), C order
 STALE_CLAIM_SECONDS = 24 * 3600  # a slot claimed this long ago and never filled is free again
 BROKEN_CLAIM_SECONDS = 60  # a claim folder without its claim.json (killed between the two) this old is free
 LEASE_WAIT_SECONDS = 900.0  # how long a publish waits for another writer's publish
@@ -77,8 +75,7 @@ class CubeSummary:
     settings: dict | None = None
 
 
-def geometry(settings: CubeSettings) -> Geometry:
-    return output_geometry(ALLEN_GRID_SHAPE, settings.orientation, settings.space, settings.expansion)
+geometry = layout.geometry  # the cube's grid (importable from here, as before)
 
 
 def _timestamp(now: float | None = None) -> str:

@@ -51,11 +51,9 @@ def _store_layout(store: str) -> tuple[tuple[int, ...], dict]:
 
 @functools.lru_cache(maxsize=8)
 def _read_layout(store: str, inode: int, mtime_ns: int) -> tuple[tuple[int, ...], dict]:
-    from .store import geometry
-
     doc = json.loads((Path(store) / layout.META / "settings.json").read_text())
     settings = layout.CubeSettings(orientation=doc["orientation"], space=doc["space"], expansion=doc["expansion"])
-    return tuple(geometry(settings).sizes), doc["codec"]
+    return tuple(layout.geometry(settings).sizes), doc["codec"]
 
 
 def write_slot(store: str | Path, slot: int, volume: str, data: np.ndarray) -> CubeWrite:

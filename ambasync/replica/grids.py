@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geometry import GRID_SHAPE_200UM
+
 from ..config import VOLUMES
 
 REAL_IDS = {74272479: "Nrp1", 71717084: "Pdyn"}
 REAL_FILES = {74272479: "Nrp1_P56_coronal_74272479_200um.zip", 71717084: "Pdyn_P56_coronal_71717084_200um.zip"}
-GRID_SHAPE = (58, 41, 67)  # C order (z, y, x): PIR, x fastest
+GRID_SHAPE = GRID_SHAPE_200UM  # C order (z, y, x): PIR, x fastest
 # energy.mhd of a real Allen download, verbatim (allen-api.md §2).
 MHD_TEMPLATE = (
     "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
