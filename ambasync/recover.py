@@ -254,7 +254,7 @@ def _stored_type(path: Path) -> str:
 
 def _why_not_trusted(out: Path, output: Output, settings: str) -> str | None:
     """None when the file is the manifest's (sha256) with the header ``settings`` give."""
-    from .verify import check_output  # the one check of a file against a record (sha256, MINC header)
+    from .filecheck import check_output  # the one check of a file against a record (sha256, header)
 
     problem = check_output(out, output, settings)
     if problem:

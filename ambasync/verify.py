@@ -9,48 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from dataclasses import replace
 from pathlib import Path
 
 from .config import Config
 from .errors import EXIT_FAILED, EXIT_OK
-from .files import sha256_file
 from .lock import OutputLock, layout_for
 from .manifest import write_manifest
-from .minc import read_volume
 from .options import RunOptions
+from .filecheck import check_output
 from .outdir import check_output_folder
 from .paths import Paths
 from .recover import refuse_damaged
-from .settings import ConvertSettings
 from .record import Output, Status
 from .state import State
 
 log = logging.getLogger("ambasync")
-
-
-def check_output(out: Path, o: Output, settings: str | None) -> str | None:
-    """Why this file is not what the state says, or None when it is."""
-    path = out / o.path
-    if not path.is_file():
-        return f"{o.path}: missing"
-    if path.stat().st_size != o.size or sha256_file(path) != o.sha256:
-        return f"{o.path}: contents changed (sha256 differs from the state)"
-    try:
-        _, geo = read_volume(path)
-    except Exception as exc:  # libminc cannot read it at all
-        return f"{o.path}: unreadable MINC ({type(exc).__name__})"
-    if settings:
-        made_by = ConvertSettings.parse(settings)
-        want = made_by.geometry(made_by.grid_shape(geo.sizes))
-        got = (geo.dimnames, geo.starts, geo.steps, geo.x_cosines, geo.y_cosines, geo.z_cosines)
-        exp = (want.dimnames, want.starts, want.steps, want.x_cosines, want.y_cosines, want.z_cosines)
-        if got[0] != exp[0] or not all(
-            math.isclose(g, e, abs_tol=1e-6) for gs, es in zip(got[1:], exp[1:]) for g, e in zip(gs, es)
-        ):
-            return f"{o.path}: header geometry differs from {settings}"
-    return None
 
 
 def check_cube(cfg: Config, paths: Paths, done: list[int]) -> list[int]:

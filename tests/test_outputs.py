@@ -100,3 +100,26 @@ async def test_a_run_writes_nifti_beside_minc_with_the_same_world_and_the_next_n
         world_nifti = img.affine @ np.array([i, j, k, 1.0])
         np.testing.assert_allclose(world_nifti[:3], world_minc, atol=1e-5)
         assert voxels[i, j, k] == minc[k, j, i] == exact[k, j, i]  # float: exact in both
+
+
+async def test_verify_holds_nifti_files_to_their_record_and_geometry(tmp_path):
+    """verify must not call good NIfTI files broken (it read them as MINC), and must catch an
+    altered one."""
+    import subprocess
+
+    from ambasync.replica import ReplicaConfig, serve
+    from conftest import ambasync_cmd, mirror
+
+    async with serve(ReplicaConfig(n_coronal=2, n_sagittal=0, real_dir="/nonexistent")) as (_, url):
+        await mirror(url, tmp_path, output__formats=["minc", "nifti"])
+    env = {"AMBASYNC_OUTPUT_FORMATS": "minc,nifti"}
+    import os
+
+    ok = subprocess.run(ambasync_cmd("verify", "--out", str(tmp_path)), capture_output=True, text=True,
+                        env={**os.environ, **env}, timeout=120)
+    assert ok.returncode == 0 and "4 files checked, 0 experiments broken" in ok.stdout, ok.stdout + ok.stderr
+    victim = next(tmp_path.glob("coronal/*.nii.gz"))
+    victim.write_bytes(victim.read_bytes()[:-3] + b"abc")
+    bad = subprocess.run(ambasync_cmd("verify", "--out", str(tmp_path)), capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=120)
+    assert bad.returncode == 1 and "1 experiments broken" in bad.stdout and victim.name in bad.stderr
