@@ -34,6 +34,16 @@ class AnalysisError(ConfigError):
     """Bad input to an analysis command: one line naming the file and what to do; exit 2."""
 
 
+def mirror_folder(out: str | None) -> str:
+    """``--out`` if given, else the mirror folder ``run`` would use (``[output] out`` from the
+    config file or the environment)."""
+    if out:
+        return out
+    from .config import load_config
+
+    return str(load_config(None, {}).output.out)
+
+
 def cube_location(out: str | os.PathLike) -> str:
     """``{out}/cube.zarr``; ``out`` may be a folder or an fsspec URL, or name the store itself."""
     text = str(out).rstrip("/")

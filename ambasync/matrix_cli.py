@@ -73,15 +73,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return make_recipe(overrides, base=base, where="command line") if overrides else base
 
 
-def _default_out() -> str:
-    from .config import load_config
-
-    return str(load_config(None, {}).output.out)
-
-
 def cmd_matrix(args: argparse.Namespace) -> int:
     """``python -m ambasync matrix``: build, then write; bad input is one line and exit 2."""
-    from .atlas import AnalysisError
+    from .atlas import AnalysisError, mirror_folder
     from .matrix import build_matrix
     from .matrix_write import output_kind, write_matrix, write_row_image
 
@@ -89,7 +83,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     output_kind(args.to, args.volume)
     if not Path(args.to).parent.is_dir():  # before the build, which can take long
         raise AnalysisError(f"--to {args.to}: folder {Path(args.to).parent} does not exist")
-    out = args.out or _default_out()
+    out = mirror_folder(args.out)
     progress = not getattr(args, "quiet", False)
     m = build_matrix(out, recipe, scheduler=args.scheduler, progress=progress)
     written = write_row_image(m, args.volume, args.to) if args.volume else write_matrix(m, args.to)

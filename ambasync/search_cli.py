@@ -66,18 +66,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _default_out() -> str:
-    from .config import load_config
-
-    return str(load_config(None, {}).output.out)
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     """``python -m ambasync search``: bad input is one line and exit 2."""
-    from .atlas import AnalysisError
+    from .atlas import AnalysisError, mirror_folder
     from .search_plot import plot_result
 
-    out = args.out or _default_out()
+    out = mirror_folder(args.out)
     progress = not args.quiet
     if progress:
         logging.getLogger("ambasync").setLevel(min(logging.getLogger("ambasync").getEffectiveLevel(), logging.INFO))
