@@ -37,6 +37,7 @@ async def dry_run(cfg: Config, opts: RunOptions) -> Summary:
     progress = Progress(summary, cfg.pipeline.progress_interval, opts.quiet)
     selection = Selection.for_config(cfg)
     outputs = Outputs.for_config(cfg, paths)
+    outputs.peek()  # e.g. which experiments the cube holds, read without writing
     settings = ConvertSettings.from_config(cfg).key()
     policy = Policy.for_run(cfg, opts, paths)
     state = State(paths.state, readonly=True) if paths.state.is_file() else None
@@ -51,7 +52,8 @@ async def dry_run(cfg: Config, opts: RunOptions) -> Summary:
                     progress.count("invalid")
                 elif isinstance(item, Row):
                     record = state.get(item.experiment_id) if state is not None else None
-                    verdict = await judge(record, outputs.targets(item, plane), settings, policy)
+                    verdict = await judge(record, outputs.targets(item, plane), settings, policy,
+                                          outputs.holds(item.experiment_id))
                     if verdict.action in (Action.SKIP, Action.QUARANTINE):
                         progress.count(verdict.action.value)
                     else:

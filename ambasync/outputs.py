@@ -39,6 +39,9 @@ class OutputFormat(Protocol):
         """Called once the run holds the output folder's lock, before the catalogue is read
         (e.g. open the store; refuse one written with other settings unless ``force``)."""
 
+    def peek(self) -> None:
+        """Instead of :meth:`begin`, for a dry run: learn what the format holds, writing nothing."""
+
     def holds(self, experiment_id: int) -> bool:
         """Whether this format already has the experiment, beyond the files the state records
         (a store: its own membership). False makes a done experiment converted again."""
@@ -74,6 +77,9 @@ class FileOutput:
         return lambda cfg, paths: cls(name, cfg.convert.name_template, tuple(cfg.convert.volumes))
 
     def begin(self, force: bool) -> None:
+        return None
+
+    def peek(self) -> None:
         return None
 
     def holds(self, experiment_id: int) -> bool:
@@ -113,6 +119,7 @@ class CubeOutput:
         self.workers = workers
         self.shard = shard
         self._cube: Cube | None = None
+        self._peeked: set[int] = set()  # a dry run's view of the members
 
     @classmethod
     def from_config(cls, cfg: Config, paths: Paths) -> "CubeOutput":
@@ -140,7 +147,16 @@ class CubeOutput:
             log.warning("the cube at %s could not be used as it was: kept as %s; building a new one",
                         self.path, self._cube.set_aside_to)
 
+    def peek(self) -> None:
+        from .cube.layout import META
+        from .cube.slots import Slots
+
+        members, _ = Slots(self.path / META).scan()
+        self._peeked = {m.experiment_id for m in members.values()}
+
     def holds(self, experiment_id: int) -> bool:
+        if self._cube is None:
+            return experiment_id in self._peeked
         return experiment_id in self.cube.members()
 
     def targets(self, row: Row, plane: str) -> tuple[Target, ...]:
@@ -190,6 +206,10 @@ class Outputs:
     def begin(self, force: bool) -> None:
         for f in self.formats:
             f.begin(force)
+
+    def peek(self) -> None:
+        for f in self.formats:
+            f.peek()
 
     def holds(self, experiment_id: int) -> bool:
         return all(f.holds(experiment_id) for f in self.formats)

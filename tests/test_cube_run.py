@@ -132,3 +132,16 @@ async def test_verify_finds_a_damaged_cube_chunk_and_repair_restores_it(tmp_path
         done = await _cli(*args, "--repair", env=env_formats)
         assert done.returncode == 0, done.stderr
         assert_exact(xr.open_zarr(tmp_path / "cube.zarr"), rep)
+
+
+async def test_a_dry_run_counts_what_the_cube_lacks_and_writes_nothing(tmp_path):
+    """`run --dry-run --formats minc,cube` on a MINC-only mirror must say every experiment would
+    be converted for the cube, and must not create the store."""
+    from ambasync.options import RunOptions
+
+    async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0, real_dir="/nonexistent")) as (_, url):
+        await mirror(url, tmp_path)
+        dry = await mirror(url, tmp_path, RunOptions(dry_run=True, quiet=True), output__formats=["minc", "cube"])
+        plain = await mirror(url, tmp_path, RunOptions(dry_run=True, quiet=True))
+    assert dry.would_fetch == 3 and plain.would_fetch == 0 and plain.skipped == 3
+    assert not (tmp_path / "cube.zarr").exists()
