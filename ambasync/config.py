@@ -74,6 +74,7 @@ class ConvertConfig:
 class OutputConfig:
     out: str = "data"
     formats: list[str] = field(default_factory=lambda: ["minc"])
+    cube_voxel_major: bool = True  # the cube's voxel-major copy: fast voxel profiles and scans, twice the size
     keep_zips: bool = False
     cache_dir: str = ""
 

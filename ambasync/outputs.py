@@ -127,7 +127,8 @@ class CubeOutput:
 
         c = cfg.convert
         settings = CubeSettings(orientation=c.orientation, space=c.space, expansion=c.expansion,
-                                volumes=tuple(c.volumes), source_url=cfg.source.base_url)
+                                volumes=tuple(c.volumes), source_url=cfg.source.base_url,
+                                by_voxel=cfg.output.cube_voxel_major)
         return cls(paths.cube, settings, cfg.workers, cfg.shard)
 
     @property

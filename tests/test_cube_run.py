@@ -145,3 +145,13 @@ async def test_a_dry_run_counts_what_the_cube_lacks_and_writes_nothing(tmp_path)
         plain = await mirror(url, tmp_path, RunOptions(dry_run=True, quiet=True))
     assert dry.would_fetch == 3 and plain.would_fetch == 0 and plain.skipped == 3
     assert not (tmp_path / "cube.zarr").exists()
+
+
+async def test_a_cube_without_its_voxel_major_copy_is_half_the_size_and_still_exact(tmp_path):
+    """`cube_voxel_major = false` is for labs short of disk: the values must stay exact."""
+    async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0, real_dir="/nonexistent")) as (rep, url):
+        await mirror(url, tmp_path / "one", output__formats=["cube"], output__cube_voxel_major=False)
+        await mirror(url, tmp_path / "two", output__formats=["cube"])
+        one, two = xr.open_zarr(tmp_path / "one" / "cube.zarr"), xr.open_zarr(tmp_path / "two" / "cube.zarr")
+        assert "expression_by_voxel" not in one and "expression_by_voxel" in two
+        assert_exact(one, rep)
