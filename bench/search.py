@@ -2,7 +2,7 @@
 of its p-values.
 
     python -m bench.search [--rank 1000,2000] [--nulls-experiments 400] [--nulls 1000]
-                           [--maps 100] [--calibration-nulls 100] [--json out.json]
+                           [--maps 100] [--calibration-nulls 100] [--cube DIR] [--json out.json]
 
 * ``rank``: one map against every experiment of cubes of ``--rank`` sizes (the replica's
   grids, cycled from 64 variants), ``--nulls 0``, end to end from a fresh process (Python
@@ -11,6 +11,12 @@ of its p-values.
   over its voxels with data), on the cube stored 8 experiments per chunk (as the test cubes)
   and one per chunk (as the production writer); two sizes give the cost per experiment, which
   extrapolates linearly to the 26,078 experiments of the atlas (one pass over the cube).
+* ``voxel``: with ``--cube DIR`` (a mirror folder whose cube has the voxel-major copy, as the
+  production writer makes it; e.g. ``bench.cube``'s grown store), one map (smooth noise in the
+  template brain, default mask ``brain``) against every experiment, ``--nulls 0``, fresh
+  processes: the command (scored from ``expression_by_voxel``) against the same search forced
+  to read ``expression`` experiment by experiment (``correlate(voxel_major=False)``), and the
+  largest difference in r between the two tables.
 * ``nulls``: the default 1,000 nulls on ``--nulls-experiments`` experiments, fresh process.
 * ``calibration``: the share of p < 0.05 over ``--maps`` smooth random maps against smooth
   experiments (Gaussian-filtered noise in the real template brain mask, as tests/test_search.py),
@@ -123,6 +129,36 @@ def _one_per_chunk(src: Path, dst: Path) -> None:
                                             encoding={"expression": {"chunks": (1, *ds["expression"].shape[1:])}})
 
 
+def child_volume_major(out: str, map_path: str, to: str) -> None:
+    """The same search read experiment by experiment from ``expression`` (the path cubes without
+    the voxel-major copy take)."""
+    from ambasync.search import correlate
+
+    correlate(out, map_path, nulls=0, progress=False, voxel_major=False).experiments.to_csv(to, index=False)
+
+
+def bench_voxel(work: Path, cube: Path) -> dict:
+    import pandas as pd
+    import xarray as xr
+
+    n = xr.open_zarr(cube / "cube.zarr").sizes["experiment"]
+    rng = np.random.default_rng(3)
+    map_path = _save_map(np.where(_read_mask(TEMPLATE_MASK), _smooth(rng, (41, 67, 58), 2.5), 0.0), work / "v.nii")
+    fast = measure("search --nulls 0 (voxel-major)", [PY, "-m", "ambasync", "search", str(map_path), "--out",
+                                                       str(cube), "--to", str(work / "fast.csv"), "--nulls", "0", "-q"],
+                   n)
+    slow = measure("search --nulls 0 (volume-major)", [PY, "-m", "bench.search", "--child-volume-major", str(cube),
+                                                       str(map_path), str(work / "slow.csv")], n)
+    a, b = (pd.read_csv(work / f"{name}.csv").set_index("experiment_id") for name in ("fast", "slow"))
+    diff = float((a["r"] - b.loc[a.index, "r"]).abs().max())
+    row = {"experiments": n, "voxel_major_s": fast.wall_s, "voxel_major_cpu_s": fast.cpu_s,
+           "voxel_major_rss_mb": fast.peak_rss_mb, "volume_major_s": slow.wall_s, "volume_major_cpu_s": slow.cpu_s,
+           "volume_major_rss_mb": slow.peak_rss_mb, "speedup": round(slow.wall_s / fast.wall_s, 2),
+           "max_abs_r_difference": diff, "same_n_voxels": bool((a["n_voxels"] == b.loc[a.index, "n_voxels"]).all())}
+    print(row, file=sys.stderr)
+    return row
+
+
 def bench_nulls(work: Path, n: int, nulls: int) -> dict:
     rng = np.random.default_rng(1)
     map_path = _save_map(np.where(_read_mask(TEMPLATE_MASK), _smooth(rng, (41, 67, 58), 2.5), 0.0), work / "m.nii")
@@ -177,18 +213,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nulls", type=int, default=1000)
     p.add_argument("--maps", type=int, default=100, help="smooth random maps for the calibration")
     p.add_argument("--calibration-nulls", type=int, default=100)
-    p.add_argument("--only", choices=("rank", "nulls", "calibration"), help="one measurement only")
+    p.add_argument("--only", choices=("rank", "nulls", "calibration", "voxel"), help="one measurement only")
+    p.add_argument("--cube", type=Path,
+                   help="mirror folder of a cube with the voxel-major copy (the voxel measurement)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--child-baseline", nargs=2, metavar=("CUBE", "MAP"), help=argparse.SUPPRESS)
+    p.add_argument("--child-volume-major", nargs=3, metavar=("CUBE", "MAP", "TO"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_baseline:
         child_baseline(*args.child_baseline)
+        return 0
+    if args.child_volume_major:
+        child_volume_major(*args.child_volume_major)
         return 0
     report: dict = {}
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
     try:
         if args.only in (None, "calibration"):
             report["calibration"] = bench_calibration(args.maps, args.calibration_nulls, [(2.5, 2.5), (4.0, 1.5)])
+        if args.cube and args.only in (None, "voxel"):
+            report["voxel"] = bench_voxel(work, args.cube)
         if args.only in (None, "nulls"):
             report["nulls"] = bench_nulls(work, args.nulls_experiments, args.nulls)
         if args.only in (None, "rank"):
