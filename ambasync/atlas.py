@@ -90,6 +90,15 @@ def read_experiments(out_or_location: str | os.PathLike, start: int, stop: int,
                       .isel(experiment=slice(start, stop)).values)
 
 
+def read_voxels(out_or_location: str | os.PathLike, where: tuple[slice, slice, slice], start: int, stop: int,
+                variable: str = "expression_by_voxel") -> np.ndarray:
+    """A box of voxels ``where`` (zspace, yspace, xspace slices) of experiments ``start:stop`` from
+    the cube's voxel-major copy, as one (z, y, x, experiment) array read in one call."""
+    z, y, x = where
+    return np.asarray(_plain_cube(cube_location(out_or_location))[variable]
+                      .isel(zspace=z, yspace=y, xspace=x, experiment=slice(start, stop)).values)
+
+
 def cube_geometry(ds: xr.Dataset) -> Geometry:
     """The cube's grid, from its world-coordinate variables (and their attrs, which carry the
     direction cosines; without them the cosines are the axes' own)."""

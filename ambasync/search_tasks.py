@@ -110,11 +110,10 @@ def score_voxel_span(location: str, span: tuple[int, int], pieces: list[Piece],
 
     from threadpoolctl import threadpool_limits
 
-    from .atlas import _plain_cube
+    from .atlas import read_voxels
     from .search_stats import correlations_from_sums, voxel_block_sums
 
     y, nulls = design
-    data = _plain_cube(location)[BY_VOXEL]
     total = None
     # One BLAS thread per task: the tasks already fill the cores, and OpenBLAS's own threads spin
     # while they wait (without nulls: twice the CPU time and 1.5x the wall time of a 26,078-experiment
@@ -124,8 +123,7 @@ def score_voxel_span(location: str, span: tuple[int, int], pieces: list[Piece],
     # with scikit-learn.
     with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
         for where, local, rows in pieces:
-            chunk = np.asarray(data.isel(zspace=where[0], yspace=where[1], xspace=where[2],
-                                         experiment=slice(*span)).values)
+            chunk = read_voxels(location, where, *span, variable=BY_VOXEL)
             values = np.take(chunk.reshape(-1, chunk.shape[-1]), local, axis=0)
             sums = voxel_block_sums(values, y[rows], None if nulls is None else np.take(nulls, rows, axis=0))
             if total is None:
