@@ -37,6 +37,16 @@ class Selection:
     planes: np.ndarray  # str
 
 
+def _asked(column: np.ndarray, asked, unknown, what_to_do: str) -> np.ndarray:
+    """Rows whose value is one of ``asked``; a value the column lacks is an error naming it."""
+    import numpy as np
+
+    missing = sorted(set(asked) - set(column.tolist()))
+    if missing:
+        raise AnalysisError(f"{unknown(missing[0])} ({len(missing)} unknown of {len(asked)} asked); {what_to_do}")
+    return np.isin(column, list(asked))
+
+
 def select_experiments(ids: np.ndarray, genes: np.ndarray, planes: np.ndarray, recipe: Recipe) -> Selection:
     """The cube's experiments a recipe keeps; an unknown gene or id is an error naming it."""
     import numpy as np
@@ -49,17 +59,11 @@ def select_experiments(ids: np.ndarray, genes: np.ndarray, planes: np.ndarray, r
     if recipe.plane == "sagittal" and recipe.genes_in_coronal:
         keep &= np.isin(genes, genes[planes == "coronal"])
     if recipe.genes:
-        missing = sorted(set(recipe.genes) - set(genes.tolist()))
-        if missing:
-            raise AnalysisError(f"unknown gene {missing[0]!r}: the cube has no experiment of it "
-                                f"({len(missing)} unknown of {len(recipe.genes)} asked); check the acronym's case")
-        keep &= np.isin(genes, list(recipe.genes))
+        keep &= _asked(genes, recipe.genes, lambda first: f"unknown gene {first!r}: the cube has no experiment of it",
+                       "check the acronym's case")
     if recipe.ids:
-        missing = sorted(set(recipe.ids) - set(ids.tolist()))
-        if missing:
-            raise AnalysisError(f"unknown experiment id {missing[0]}: not in the cube ({len(missing)} unknown of "
-                                f"{len(recipe.ids)} asked); run `ambasync run` for it first")
-        keep &= np.isin(ids, list(recipe.ids))
+        keep &= _asked(ids, recipe.ids, lambda first: f"unknown experiment id {first}: not in the cube",
+                       "run `ambasync run` for it first")
     chosen = np.flatnonzero(keep)
     if chosen.size == 0:
         raise AnalysisError(f"no experiment of the cube matches plane {recipe.plane}"
