@@ -158,7 +158,7 @@ class CubeOutput:
     def holds(self, experiment_id: int) -> bool:
         if self._cube is None:
             return experiment_id in self._peeked
-        return experiment_id in self.cube.members()
+        return self.cube.holds(experiment_id)
 
     def targets(self, row: Row, plane: str) -> tuple[Target, ...]:
         return ()  # a slot is given only to experiments that are converted (before_submit)

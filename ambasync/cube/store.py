@@ -255,6 +255,10 @@ class Cube:
         """Experiments in the cube (as of opening and this run's own changes), by experiment id."""
         return dict(self._by_id)
 
+    def holds(self, experiment_id: int) -> bool:
+        """Whether the experiment is in the cube (asked once per catalogue row: no copy)."""
+        return experiment_id in self._by_id
+
     def missing(self, experiment_ids: Iterable[int]) -> list[int]:
         """Those of ``experiment_ids`` the cube does not hold (what a MINC-only mirror must add)."""
         return [e for e in experiment_ids if e not in self._by_id]
