@@ -1,9 +1,9 @@
 import sys
 
-from .early_signals import defer
+from ambasync.cli.early_signals import defer
 
-defer()  # before the imports below (about a second): see ambasync.early_signals
+defer()  # before the imports below (about a second): see ambasync.cli.early_signals
 
-from .cli import main  # noqa: E402
+from ambasync.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
-from .geometry import ORIENTATIONS, SPACES
-from .limits import MAX_BODY_BYTES
-from .minc import DTYPES
+from ambasync.errors import ConfigError
+from ambasync.geometry import ORIENTATIONS, SPACES
+from ambasync.limits import MAX_BODY_BYTES
+from ambasync.imaging.minc import DTYPES
 
 PLANES = ("coronal", "sagittal")
 VOLUMES = ("energy", "density", "intensity")

@@ -84,3 +84,8 @@ def disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return "database or disk is full" in str(exc)
+
+
+class AnalysisError(ConfigError):
+    """Bad input to an analysis command: one line naming the file and what to do; exit 2."""
+

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
+from ambasync.config import Config
 
 CUBE_NAME = "cube.zarr"  # the cube store, inside the output folder (docs/cube.md)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Config
-from .errors import ConfigError
-from .geometry import Geometry, output_geometry
+from ambasync.config import Config
+from ambasync.errors import ConfigError
+from ambasync.geometry import Geometry, output_geometry
 
 
 @dataclass(frozen=True)

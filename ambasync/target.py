@@ -18,5 +18,5 @@ def file_format(path: str) -> str:
 class Target:
     volume: str  # energy, density or intensity
     path: str  # relative to the output folder
-    format: str = "minc"  # the writer that makes it (ambasync.writers.WRITERS)
+    format: str = "minc"  # the writer that makes it (ambasync.mirror.formats.writers.WRITERS)
     index: int | None = None  # a slot inside a shared store (the cube); None: one file per experiment

@@ -113,7 +113,7 @@ def _floor_part(args: tuple) -> int:
 
     from ambasync.cube.layout import CubeSettings, blosc
     from ambasync.geometry import reorient
-    from ambasync.grid import read_grid
+    from ambasync.imaging.allen_grid import read_grid
 
     rows, out, block_ids = args
     settings = CubeSettings()

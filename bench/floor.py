@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from ambasync.convert import ConvertJob, convert, init_worker, start_forkserver
+from ambasync.mirror.convert import ConvertJob, convert
+from ambasync.workers import init_worker, start_forkserver
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target
 

@@ -111,7 +111,7 @@ def write_minc_files(folder: Path, experiments) -> int:
     from conftest import notebook_ras
 
     from ambasync.geometry import output_geometry
-    from ambasync.minc import write_volume
+    from ambasync.imaging.minc import write_volume
 
     folder.mkdir(parents=True, exist_ok=True)
     geometry = output_geometry((58, 41, 67), "RAS", "MICe", 1.0)
@@ -186,7 +186,7 @@ def scenario_knn(shapes: list[tuple[int, int]]) -> dict:
     grids' zeros): seconds and peak memory growth, to fit its scaling in genes and voxels."""
     import resource
 
-    from ambasync.matrix_impute import knn_impute
+    from ambasync.analysis.matrix.impute import knn_impute
 
     rng = np.random.default_rng(0)
     rows = []

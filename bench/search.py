@@ -132,7 +132,7 @@ def _one_per_chunk(src: Path, dst: Path) -> None:
 def child_volume_major(out: str, map_path: str, to: str) -> None:
     """The same search read experiment by experiment from ``expression`` (the path cubes without
     the voxel-major copy take)."""
-    from ambasync.search import correlate
+    from ambasync.analysis.search.correlate import correlate
 
     correlate(out, map_path, nulls=0, progress=False, voxel_major=False).experiments.to_csv(to, index=False)
 
@@ -175,8 +175,8 @@ def bench_nulls(work: Path, n: int, nulls: int) -> dict:
 
 def bench_calibration(maps: int, nulls: int, settings: list[tuple[float, float]], experiments: int = 20) -> list[dict]:
     """Share of p < 0.05 over ``maps`` independent smooth maps × ``experiments`` smooth experiments."""
-    from ambasync.nulls import null_spectrum, phase_randomised
-    from ambasync.search_stats import block_correlations, parametric_p, spatial_p, standardise_columns
+    from ambasync.analysis.search.nulls import null_spectrum, phase_randomised
+    from ambasync.analysis.search.stats import block_correlations, parametric_p, spatial_p, standardise_columns
 
     mask = _read_mask(TEMPLATE_MASK)
     rows = []

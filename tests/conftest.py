@@ -137,8 +137,8 @@ def mirror_config(base_url: str, out: Path, **settings):
 
 async def mirror(base_url: str, out: Path, opts=None, **settings):
     """Run the real mirror in this event loop; returns its summary."""
-    from ambasync.options import RunOptions
-    from ambasync.run import mirror_async
+    from ambasync.mirror.options import RunOptions
+    from ambasync.mirror.run import mirror_async
 
     return await mirror_async(mirror_config(base_url, out, **settings), opts or RunOptions(quiet=True))
 

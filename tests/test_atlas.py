@@ -7,10 +7,11 @@ import nibabel
 import numpy as np
 import pytest
 
-from ambasync.atlas import (
-    AnalysisError, compute_on, cube_geometry, cube_location, on_grid, open_cube, read_image, resolve_mask, same_grid,
-    write_image,
-)
+from ambasync.errors import AnalysisError
+from ambasync.analysis.cluster import compute_on
+from ambasync.cube.read import cube_geometry, cube_location, open_cube
+from ambasync.imaging.regrid import on_grid, read_image, same_grid, write_image
+from ambasync.analysis.masks import resolve_mask
 from conftest import FIXTURES, read_minc
 from cubes import SIZES, STARTS, STEP, local_cluster, replica_experiments, write_test_cube
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ambasync.catalog import COLUMNS, InvalidRow, Row, Total, merge_by_id, parse_page, row_in_plane, validate_row
+from ambasync.mirror.catalog import (COLUMNS, InvalidRow, Row, Total, merge_by_id, parse_page, row_in_plane, validate_row)
 from ambasync.errors import TransientError, UpstreamError
 
 

@@ -141,8 +141,8 @@ def test_output_formats_come_from_flag_config_and_environment_and_a_typo_is_one_
     """A nightly job asking for the cube must get it; `--formats minc,zarr` must stop at once, not
     after hours of downloads."""
     from ambasync.config import FORMATS
-    from ambasync.outputs import OUTPUTS
-    from ambasync.writers import WRITERS
+    from ambasync.mirror.formats.outputs import OUTPUTS
+    from ambasync.mirror.formats.writers import WRITERS
 
     assert load_config(None, environ={}).output.formats == ["minc"]
     assert load_config(None, {("output", "formats"): "minc,cube"}, environ={}).output.formats == ["minc", "cube"]

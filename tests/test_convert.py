@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ambasync.convert import ConvertJob, convert
+from ambasync.mirror.convert import ConvertJob, convert
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target
 from conftest import (
@@ -108,7 +108,7 @@ async def test_the_conversion_pool_is_replaced_by_fresh_processes_and_never_left
     were left with no worker (Python 3.11's max_tasks_per_child can do that) the run would hang."""
     import asyncio
 
-    from ambasync.pool import ConversionPool
+    from ambasync.mirror.pool import ConversionPool
     from ambasync.replica import Replica, ReplicaConfig
 
     rep = Replica(ReplicaConfig(n_coronal=12, n_sagittal=0, real_dir="/nonexistent"))
@@ -137,7 +137,7 @@ def test_workers_see_a_killed_run_as_gone_even_before_it_is_reaped():
     import subprocess
     import time
 
-    from ambasync.convert import _alive
+    from ambasync.workers import _alive
 
     child = subprocess.Popen(["sleep", "30"])
     assert _alive(child.pid)

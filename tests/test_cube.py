@@ -21,9 +21,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from ambasync.cube import (
-    Cube, CubeSettings, CubeSettingsError, CubeWriter, ZipSource, build_from_zips, cube_summary, slot_sha256,
-)
+from ambasync.cube import (Cube, CubeSettings, CubeSettingsError, CubeWriter, ZipSource, build_from_zips, cube_summary, slot_sha256)
 from ambasync.replica import Replica, ReplicaConfig
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target

@@ -137,7 +137,7 @@ async def test_verify_finds_a_damaged_cube_chunk_and_repair_restores_it(tmp_path
 async def test_a_dry_run_counts_what_the_cube_lacks_and_writes_nothing(tmp_path):
     """`run --dry-run --formats minc,cube` on a MINC-only mirror must say every experiment would
     be converted for the cube, and must not create the store."""
-    from ambasync.options import RunOptions
+    from ambasync.mirror.options import RunOptions
 
     async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0, real_dir="/nonexistent")) as (_, url):
         await mirror(url, tmp_path)

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from ambasync.catalog import Row
+from ambasync.mirror.catalog import Row
 from ambasync.config import DEFAULT_CONFIG_TEXT, load_config
-from ambasync.decide import Action, Policy, Verdict, decide
-from ambasync.select import Selection, Take
+from ambasync.mirror.decide import Action, Policy, Verdict, decide
+from ambasync.mirror.selection import Selection, Take
 from ambasync.settings import ConvertSettings
-from ambasync.record import Output, Record, Status
+from ambasync.mirror.record import Output, Record, Status
 from ambasync.target import Target
 
 SETTINGS = "RAS/MICe/x1/ushort"

@@ -9,7 +9,7 @@ import pytest
 
 from ambasync.config import DownloadConfig
 from ambasync.errors import PermanentError, RunError, TransientError
-from ambasync.fetch import Throttle, backoff_delay, retry_after_seconds, retrying
+from ambasync.mirror.fetch import Throttle, backoff_delay, retry_after_seconds, retrying
 
 
 @pytest.mark.parametrize("header, expected", [

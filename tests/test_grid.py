@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ambasync.errors import PermanentError, TransientError
-from ambasync.grid import parse_mhd, read_grid
+from ambasync.imaging.allen_grid import parse_mhd, read_grid
 from conftest import REAL_ZIPS, raw_from_zip, require_reference
 
 MHD = """ObjectType = Image

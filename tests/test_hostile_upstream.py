@@ -6,7 +6,7 @@ downloaded again night after night. Real runs against the replica; files read ba
 
 import numpy as np
 
-from ambasync.fetch import MAX_REDIRECTS
+from ambasync.mirror.fetch import MAX_REDIRECTS
 from ambasync.replica import ReplicaConfig, serve
 from conftest import manifest, mirror, notebook_ras, quantisation_step, read_minc, sha256
 

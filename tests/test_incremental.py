@@ -3,7 +3,7 @@ is a mirror that downloads the atlas again every night, or never retries."""
 
 import sqlite3
 
-from ambasync.options import RunOptions
+from ambasync.mirror.options import RunOptions
 from ambasync.replica import ReplicaConfig, serve
 from conftest import manifest, mirror
 

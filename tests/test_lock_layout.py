@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from ambasync.errors import LockedError
-from ambasync.lock import GUARD, OutputLock, layout_for
+from ambasync.mirror.lock import GUARD, OutputLock, layout_for
 from conftest import REPO, ambasync_cmd
 
 
@@ -72,7 +72,7 @@ def test_a_refused_run_leaves_no_trace_and_holds_nothing(tmp_path):
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from ambasync.lock import OutputLock, layout_for
+    from ambasync.mirror.lock import OutputLock, layout_for
     k, n = map(int, sys.argv[2].split("/"))
     lock = OutputLock(Path(sys.argv[1]) / ".ambasync" / f"lock-shard{k}of{n}", layout=layout_for((k, n)))
     lock.acquire()

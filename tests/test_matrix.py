@@ -217,7 +217,7 @@ def test_contract_matches_mhts_script_on_float_minc_files(tmp_path, cube, exps, 
     faithful baseline in bench/) run on float MINC files of the same experiments, which it groups
     by file name up to the first `_`."""
     from ambasync.geometry import output_geometry
-    from ambasync.minc import write_volume
+    from ambasync.imaging.minc import write_volume
     from bench.mhts_baseline import build_expression_matrix
 
     folder = tmp_path / "expression" / "coronal"
@@ -400,8 +400,8 @@ def test_knn_chunks_over_dask_give_identical_numbers():
     from cubes import local_cluster
     from sklearn.impute import KNNImputer
 
-    from ambasync.atlas import compute_on
-    from ambasync.matrix_impute import knn_impute
+    from ambasync.analysis.cluster import compute_on
+    from ambasync.analysis.matrix.impute import knn_impute
 
     rng = np.random.default_rng(1)
     x = rng.gamma(2.0, 1.0, (12, 900))
@@ -498,7 +498,7 @@ def test_methods_text_names_every_parameter_and_the_counts(tmp_path, cube, box):
     """The methods paragraph names every step's parameter with its value, the ambasync version,
     the numbers of experiments, genes and voxels, and the cube slice's hash."""
     import ambasync
-    from ambasync.recipe import Recipe
+    from ambasync.analysis.matrix.recipe import Recipe
 
     path, mask = box
     to = tmp_path / "m.h5ad"
@@ -598,7 +598,7 @@ def test_csv_numbers_read_back_to_the_same_doubles(orjson_installed, monkeypatch
     field, with orjson's formatter or, without it, Arrow's."""
     import io
 
-    from ambasync.matrix_write import _csv_rows
+    from ambasync.analysis.matrix.write import _csv_rows
 
     if not orjson_installed:
         monkeypatch.setitem(sys.modules, "orjson", None)  # what `import orjson` sees when it is absent

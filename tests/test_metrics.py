@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ambasync.metrics import render, textfile_path, write_textfile
+from ambasync.mirror.metrics import render, textfile_path, write_textfile
 from ambasync.replica import ReplicaConfig, serve
-from ambasync.report import Summary
+from ambasync.mirror.report import Summary
 from conftest import mirror
 
 # The text exposition format, line by line (prometheus docs, "Exposition formats", 0.0.4).

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ambasync.geometry import output_geometry, reorient
-from ambasync.minc import write_volume
-from ambasync.nifti import write_nifti
+from ambasync.imaging.minc import write_volume
+from ambasync.imaging.nifti import write_nifti
 
 from conftest import REAL_ZIPS, mincinfo, notebook_ras, quantisation_step, raw_from_zip, read_minc, require_reference
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ambasync.errors import ConfigError
-from ambasync.outdir import check_output_folder
+from ambasync.mirror.outdir import check_output_folder
 from conftest import ambasync_cmd
 
 

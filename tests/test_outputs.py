@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ambasync import writers
-from ambasync.catalog import Row
+from ambasync.mirror.formats import writers
+from ambasync.mirror.catalog import Row
 from ambasync.config import Config
-from ambasync.convert import ConvertJob, convert
+from ambasync.mirror.convert import ConvertJob, convert
 from ambasync.errors import ConfigError
-from ambasync.minc import Written
-from ambasync.outputs import Outputs
+from ambasync.imaging.minc import Written
+from ambasync.mirror.formats.outputs import Outputs
 from ambasync.paths import Paths
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from ambasync.errors import ConfigError
-from ambasync.recover import (
-    Health, check_state, rebuild_state, recover_state, refuse_damaged, set_aside,
-)
+from ambasync.mirror.health import Health, check_state, refuse_damaged, set_aside_state
+from ambasync.mirror.rebuild import recover_state
+from ambasync.mirror.rebuild import rebuild_state
 from ambasync.replica import ReplicaConfig, serve
-from ambasync.state import Output, State
+from ambasync.mirror.state import Output, State
 from conftest import ambasync_cmd, mirror, mirror_config
 
 SETTINGS = "RAS/MICe/x1/ushort"  # the shipped defaults' settings key
@@ -100,7 +100,7 @@ def test_set_aside_renames_the_state_with_its_wal_and_shm_and_never_overwrites(t
     for round_ in range(2):
         for suffix, data in (("", b"db"), ("-wal", b"wal"), ("-shm", b"shm")):
             Path(f"{state}{suffix}").write_bytes(data + bytes([round_]))
-        names.append(set_aside(state, now=when))
+        names.append(set_aside_state(state, now=when))
     stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(when))
     assert names[0].name == f"state.sqlite.damaged-{stamp}" and names[1].name == f"state.sqlite.damaged-{stamp}-2"
     for round_, dest in enumerate(names):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ambasync.lock import OutputLock, layout_for
+from ambasync.mirror.lock import OutputLock, layout_for
 from ambasync.replica import Replica, ReplicaConfig, serve
 from conftest import (
     ReplicaProcess, ambasync_cmd, manifest, mirror, notebook_ras, quantisation_step, read_minc, sha256, state_rows,

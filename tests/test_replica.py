@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ambasync.catalog import COLUMNS, grid_url, query_url
+from ambasync.mirror.catalog import COLUMNS, grid_url, query_url
 from ambasync.replica import REAL_IDS, ReplicaConfig, serve
 from conftest import REAL_ZIPS, require_reference
 

@@ -141,7 +141,7 @@ def test_smooth_noise_map_finds_no_gene(smooth_cube, tmp_path, capsys):
 def test_calibration_over_smooth_random_maps(smooth_cube, brain, tmp_path):
     """Over 50 smooth random maps, about 5 % of experiments get p_spatial < 0.05 (the spatial nulls
     hold); the textbook p-value, which takes voxels as independent, calls far more significant."""
-    from ambasync.search import correlate
+    from ambasync.analysis.search.correlate import correlate
 
     folder, experiments, arrays = smooth_cube
     rng = np.random.default_rng(2024)
@@ -164,7 +164,7 @@ def test_calibration_over_smooth_random_maps(smooth_cube, brain, tmp_path):
 
 def test_spearman_is_scipys_where_the_experiment_covers_the_mask(smooth_cube, brain, tmp_path):
     """--method spearman gives scipy's rho for experiments with data in every voxel of the mask."""
-    from ambasync.search import correlate
+    from ambasync.analysis.search.correlate import correlate
 
     folder, experiments, arrays = smooth_cube
     volume = np.exp(smooth_field(np.random.default_rng(5)))
@@ -181,7 +181,7 @@ def test_spearman_is_scipys_where_the_experiment_covers_the_mask(smooth_cube, br
 def test_map_at_100um_gives_the_same_ranking_as_at_200um(smooth_cube, tmp_path):
     """A map given on a finer grid over the same world extent is resampled by world coordinates:
     same ranking and the same r as the 200 µm map."""
-    from ambasync.search import correlate
+    from ambasync.analysis.search.correlate import correlate
 
     folder, _, _ = smooth_cube
     volume = smooth_field(np.random.default_rng(11))
@@ -197,7 +197,7 @@ def test_local_and_cluster_give_identical_results(smooth_cube, tmp_path, monkeyp
     """--scheduler spreads the work over a dask cluster; the table is the same, number for number."""
     import logging
 
-    from ambasync.search import correlate
+    from ambasync.analysis.search.correlate import correlate
 
     # distributed logs while closing; earlier CLI tests left the root handler on a closed capture
     monkeypatch.setattr(logging.getLogger("distributed"), "propagate", False)
@@ -298,7 +298,7 @@ def test_cube_with_voxel_major_copy_gives_the_volume_major_table(tmp_path):
     If it broke, a user would get a different table depending on how the cube was written."""
     from ambasync.cube import CubeSettings, ZipSource, build_from_zips
     from ambasync.replica import Replica, ReplicaConfig
-    from ambasync.search import correlate
+    from ambasync.analysis.search.correlate import correlate
     from conftest import GRIDS
 
     rep = Replica(ReplicaConfig(n_coronal=9, n_sagittal=4, seed=3, real_dir=str(GRIDS)))

@@ -5,8 +5,8 @@ import sqlite3
 
 import pytest
 
-from ambasync.record import Output, Status
-from ambasync.state import State
+from ambasync.mirror.record import Output, Status
+from ambasync.mirror.state import State
 
 CATALOG = {"experiment_id": 1, "gene": "Avp"}
 
@@ -70,8 +70,8 @@ def test_a_read_only_state_reads_but_cannot_write(tmp_path):
 def test_a_state_from_before_nifti_is_migrated_and_keeps_every_file_record(tmp_path):
     """An existing mirror upgraded to this version must not re-download the atlas: its state,
     keyed by (experiment, volume), becomes keyed by file, rows intact, and is not 'damaged'."""
-    from ambasync.recover import Health, check_state
-    from ambasync.state import SCHEMA
+    from ambasync.mirror.health import Health, check_state
+    from ambasync.mirror.state import SCHEMA
 
     path = tmp_path / "state.sqlite"
     old = sqlite3.connect(path)

@@ -8,9 +8,9 @@
 - :mod:`.build`: the cube from zips on disk, on every core.
 """
 
-from .layout import Codec, CubeSettings
-from .slots import CubeBusyError, Member
-from .store import Cube, CubeSettingsError, CubeSummary, PublishResult, cube_summary
+from ambasync.cube.layout import Codec, CubeSettings
+from ambasync.cube.slots import CubeBusyError, Member
+from ambasync.cube.store import Cube, CubeSettingsError, CubeSummary, PublishResult, cube_summary
 
 # The worker-side parts need numpy: imported on first use, so the run's event-loop process can
 # open the cube, claim slots and record members without numpy (as it imports nothing of it).

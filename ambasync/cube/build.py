@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import ExperimentError, RunError
-from ..report import log
-from .layout import CubeSettings
-from .slots import Member
-from .store import Cube, PublishResult
-from .writer import CubeWrite, write_slot
+from ambasync.errors import ExperimentError, RunError
+from ambasync.mirror.report import log
+from ambasync.cube.layout import CubeSettings
+from ambasync.cube.slots import Member
+from ambasync.cube.store import Cube, PublishResult
+from ambasync.cube.writer import CubeWrite, write_slot
 
 MAX_RAW_BYTES = 64 * 1024 * 1024
 
@@ -61,8 +61,8 @@ class _InProcess:
 def _build_one(store: str, slot: int, zip_path: str, volumes: tuple[str, ...], orientation: str,
                max_raw_bytes: int) -> tuple[CubeWrite, ...]:
     """Worker: decode the zip's grids (never a MINC file), reorient, write each into the slot."""
-    from ..geometry import reorient
-    from ..grid import read_grid
+    from ambasync.geometry import reorient
+    from ambasync.imaging.allen_grid import read_grid
 
     body = Path(zip_path).read_bytes()
     grids = {volume: read_grid(body, volume, max_raw_bytes) for volume in volumes}  # all, before any write
@@ -77,7 +77,7 @@ def build_from_zips(path: str | os.PathLike, settings: CubeSettings, sources: It
     are not rewritten, so this also completes an interrupted build. ``prune`` removes the
     experiments not among ``sources`` (as ``--prune``). ``writer`` names this writer (e.g.
     "shard 0/2"): give each concurrent writer its own. Returns what the state must record."""
-    from ..pool import init_worker, start_forkserver
+    from ambasync.mirror.pool import init_worker, start_forkserver
 
     cube = Cube.open(path, settings, writer=writer, force=force)
     sources = list(sources)

@@ -21,12 +21,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..paths import CUBE_NAME
+from ambasync.paths import CUBE_NAME
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..geometry import Geometry
+    from ambasync.geometry import Geometry
 
 FORMAT_VERSION = 1
 STORE_NAME = CUBE_NAME  # inside the output folder (paths.py holds the layout)
@@ -94,7 +94,7 @@ def _codec_doc(codec: Codec) -> dict:
 
 
 def validate(settings: CubeSettings) -> None:
-    from ..geometry import ORIENTATIONS, SPACES
+    from ambasync.geometry import ORIENTATIONS, SPACES
 
     if settings.orientation not in ORIENTATIONS or settings.space not in SPACES:
         raise ValueError(f"orientation/space must be in {ORIENTATIONS}/{SPACES}")
@@ -156,6 +156,6 @@ def catalogue_value(column: str, value) -> object:
 
 def geometry(settings: CubeSettings) -> Geometry:
     """The cube's grid: the MINC files' geometry of the 200 µm grid for these settings."""
-    from ..geometry import GRID_SHAPE_200UM, output_geometry
+    from ambasync.geometry import GRID_SHAPE_200UM, output_geometry
 
     return output_geometry(GRID_SHAPE_200UM, settings.orientation, settings.space, settings.expansion)

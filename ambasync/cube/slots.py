@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import RunError
-from ..files import atomic_path
+from ambasync.errors import RunError
+from ambasync.files import atomic_path
 
 SLOT_DIGITS = 8
 

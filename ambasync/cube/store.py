@@ -34,15 +34,12 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 if TYPE_CHECKING:
     import numpy as np
 
-from .. import __version__
-from ..errors import ConfigError, DiskFullError, disk_full
-from ..files import atomic_path
-from . import layout
-from .layout import (
-    BY_VOXEL, CATALOGUE_COLUMNS, COORD_CHUNK, DIMS, FILL, FLOAT_COLUMNS, FORMAT_VERSION, INT_COLUMNS, META,
-    PLANES, STRING_COLUMNS, CubeSettings,
-)
-from .slots import Member, Slots, lease
+from ambasync import __version__
+from ambasync.errors import ConfigError, DiskFullError, disk_full
+from ambasync.files import atomic_path
+from ambasync.cube import layout
+from ambasync.cube.layout import (BY_VOXEL, CATALOGUE_COLUMNS, COORD_CHUNK, DIMS, FILL, FLOAT_COLUMNS, FORMAT_VERSION, INT_COLUMNS, META, PLANES, STRING_COLUMNS, CubeSettings)
+from ambasync.cube.slots import Member, Slots, lease
 
 STALE_CLAIM_SECONDS = 24 * 3600  # a slot claimed this long ago and never filled is free again
 BROKEN_CLAIM_SECONDS = 60  # a claim folder without its claim.json (killed between the two) this old is free
@@ -566,7 +563,7 @@ def _rebuild_blocks(path: Path, settings: CubeSettings, by_slot: Mapping[int, Me
     else:
         import concurrent.futures
 
-        from ..pool import start_forkserver
+        from ambasync.mirror.pool import start_forkserver
 
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=start_forkserver()) as pool:
             parts = list(pool.map(_rebuild_slab, *zip(*tasks)))

@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DiskFullError, disk_full
-from ..files import atomic_path
-from . import layout
-from .slots import Slots
+from ambasync.errors import DiskFullError, disk_full
+from ambasync.files import atomic_path
+from ambasync.cube import layout
+from ambasync.cube.slots import Slots
 
 if TYPE_CHECKING:
-    from ..geometry import Geometry
-    from ..minc import Written
-    from ..settings import ConvertSettings
-    from ..target import Target
+    from ambasync.geometry import Geometry
+    from ambasync.imaging.minc import Written
+    from ambasync.settings import ConvertSettings
+    from ambasync.target import Target
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,14 @@ def slot_sha256(store: str | Path, slot: int, volume: str) -> str | None:
 
 @dataclass(frozen=True)
 class CubeWriter:
-    """The cube's output writer for the conversion worker (``ambasync.writers.WRITERS["cube"]``):
+    """The cube's output writer for the conversion worker (``ambasync.mirror.formats.writers.WRITERS["cube"]``):
     ``target.path`` is the store (relative to the output folder), ``target.index`` the slot.
     Returns the chunk file and the sha256 of the values (:func:`layout.values_sha256`)."""
 
     settings: ConvertSettings
 
     def write(self, data: np.ndarray, geometry: Geometry, target: Target, out: Path) -> Written:
-        from ..minc import Written
+        from ambasync.imaging.minc import Written
 
         if target.index is None:
             raise ValueError(f"cube target {target} has no slot: Cube.slot_for gives it before submit")

@@ -12,10 +12,10 @@ Parts: :mod:`.catalogue` (rows and pages), :mod:`.grids` (zips), :mod:`.faults` 
 which fault), :mod:`.server` (HTTP), :mod:`.settings` (ReplicaConfig, ReplicaStats).
 """
 
-from .faults import BAD_KINDS, FAULT_KINDS
-from .grids import GRID_SHAPE, REAL_FILES, REAL_IDS, synthetic_grid
-from .server import Replica, main_serve, serve
-from .settings import ReplicaConfig, ReplicaStats
+from ambasync.replica.faults import BAD_KINDS, FAULT_KINDS
+from ambasync.replica.grids import GRID_SHAPE, REAL_FILES, REAL_IDS, synthetic_grid
+from ambasync.replica.server import Replica, main_serve, serve
+from ambasync.replica.settings import ReplicaConfig, ReplicaStats
 
 __all__ = ["BAD_KINDS", "FAULT_KINDS", "GRID_SHAPE", "REAL_FILES", "REAL_IDS", "Replica", "ReplicaConfig",
            "ReplicaStats", "main_serve", "serve", "synthetic_grid"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..catalog import COLUMNS
-from .grids import REAL_IDS
-from .settings import ReplicaConfig
+from ambasync.mirror.catalog import COLUMNS
+from ambasync.replica.grids import REAL_IDS
+from ambasync.replica.settings import ReplicaConfig
 
 
 def catalogue_row(eid: int, gene: str, plane: str, i: int) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry import GRID_SHAPE_200UM
+from ambasync.geometry import GRID_SHAPE_200UM
 
-from ..config import VOLUMES
+from ambasync.config import VOLUMES
 
 REAL_IDS = {74272479: "Nrp1", 71717084: "Pdyn"}
 REAL_FILES = {74272479: "Nrp1_P56_coronal_74272479_200um.zip", 71717084: "Pdyn_P56_coronal_71717084_200um.zip"}

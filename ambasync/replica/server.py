@@ -15,11 +15,11 @@ from typing import Any, AsyncIterator
 import numpy as np
 from aiohttp import web
 
-from ..catalog import COLUMNS
-from .catalogue import build_rows, catalogue_row, csv_text, select_page
-from .faults import fault_for
-from .grids import REAL_FILES, REAL_IDS, data_set_xml, find_real_dir, grid_zip, real_grid, synthetic_grid
-from .settings import ReplicaConfig, ReplicaStats
+from ambasync.mirror.catalog import COLUMNS
+from ambasync.replica.catalogue import build_rows, catalogue_row, csv_text, select_page
+from ambasync.replica.faults import fault_for
+from ambasync.replica.grids import (REAL_FILES, REAL_IDS, data_set_xml, find_real_dir, grid_zip, real_grid, synthetic_grid)
+from ambasync.replica.settings import ReplicaConfig, ReplicaStats
 
 HTML_ERROR = "<html><head><title>{status}</title></head><body><h1>{status}</h1></body></html>"
 REASONS = {404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}

@@ -6,7 +6,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
-from .faults import FAULT_KINDS
+from ambasync.replica.faults import FAULT_KINDS
 
 
 @dataclass

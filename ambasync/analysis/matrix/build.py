@@ -1,0 +1,197 @@
+"""``ambasync matrix``: gene-by-voxel and gene-by-region matrices from the cube, recipe by recipe.
+
+:func:`build_matrix` applies the recipe's steps (:mod:`ambasync.analysis.matrix.steps`, pure numpy;
+:mod:`ambasync.analysis.matrix.impute`) in order to the cube, read only through :mod:`ambasync.__SPLIT__`
+in blocks of whole genes (:mod:`ambasync.analysis.matrix.read`), so memory stays near the size of the
+result whatever the cube holds. :mod:`ambasync.analysis.matrix.write` writes the result;
+:mod:`ambasync.cli.matrix` is the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ambasync import __version__
+from ambasync.errors import AnalysisError
+from ambasync.analysis.matrix.impute import knn_impute, spatial_impute
+from ambasync.analysis.matrix.read import hemisphere_axis, labels_on_grid, read_blocks, read_catalogue, read_table
+from ambasync.analysis.matrix.steps import (Selection, check_mask_for_plane, combine_block, keep_rows, log2_transform, mark_missing, missing_fraction, normalise, region_means, select_experiments)
+from ambasync.analysis.matrix.recipe import Recipe
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("ambasync.matrix")
+
+ROW_LABEL = {"gene": "Gene", "experiment": "Experiment"}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A built matrix: ``values`` rows × columns, with what each row and column is."""
+
+    values: np.ndarray  # float64 (rows, columns)
+    rows: np.ndarray  # gene acronyms, or experiment ids as str
+    row_label: str  # "Gene" or "Experiment"
+    obs: Any  # pandas DataFrame indexed like rows: catalogue columns
+    var: Any  # pandas DataFrame indexed like columns: i/j/k, x/y/z (voxels) or n_voxels (regions)
+    columns: np.ndarray  # "0".."V-1" for voxels, structure names for regions
+    mask: np.ndarray  # bool (zspace, yspace, xspace)
+    geometry: Any  # ambasync.geometry.Geometry of the cube
+    recipe: Recipe
+    facts: dict[str, Any] = field(default_factory=dict)  # counts, hash, cube location: for the methods text
+
+
+
+def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progress: bool = True) -> Matrix:
+    """Every step of ``recipe`` on the cube in ``out``: the gene (or experiment) × voxel matrix,
+    or × region when the recipe names labels."""
+    import numpy as np
+    import pandas as pd
+
+    from ambasync.analysis.cluster import compute_on
+    from ambasync.cube.read import cube_geometry, cube_location, open_cube
+    from ambasync.analysis.masks import resolve_mask
+    from ambasync.geometry import affine
+
+    check_mask_for_plane(recipe)
+    ds = open_cube(out)
+    if recipe.variable not in ds:
+        raise AnalysisError(f"the cube at {cube_location(out)} has no {recipe.variable} variable (mirror it with "
+                            f"`run --volumes`), or use --variable expression")
+    catalogue = read_catalogue(ds)
+    sel = select_experiments(catalogue["experiment_id"].to_numpy(), catalogue["gene"].to_numpy(),
+                             catalogue["plane"].to_numpy(), recipe)
+    geometry = cube_geometry(ds)
+    homologs = None
+    if recipe.homologs:
+        homologs = set(read_table(recipe.homologs, ("Mouse", "Human"), "homolog table")["Mouse"].astype(str))
+    labels = table = None
+    if recipe.labels:
+        table_df = read_table(recipe.label_table, ("Structure", "Label"), "label table")
+        try:
+            table = {int(lab): str(s) for s, lab in zip(table_df["Structure"], table_df["Label"]) if int(lab) != 0}
+        except (TypeError, ValueError):
+            raise AnalysisError(f"label table {recipe.label_table}: column Label must hold whole numbers") from None
+        labels = labels_on_grid(recipe, ds)
+
+    t0 = time.monotonic()
+    with compute_on(scheduler):
+        mask = resolve_mask(recipe.mask, ds, resample=recipe.resample_images)
+        mask_flat = mask.ravel()
+        n_vox = int(mask_flat.sum())
+        digest = hashlib.sha256()
+        digest.update(f"{recipe.variable}\n".encode())
+        digest.update(sel.ids.astype("<i8").tobytes())
+        digest.update(np.packbits(mask_flat).tobytes())
+        mirror_axis = hemisphere_axis(ds) if recipe.mirror_hemisphere else None
+        n_rows = sel.ids.size if recipe.group_by == "experiment" else np.unique(sel.genes).size
+        values = np.empty((n_rows, n_vox), dtype=np.float64)
+        keys: list[np.ndarray] = []
+        filled = 0
+        for rows, masked in read_blocks(ds[recipe.variable].data, sel, mask_flat, mirror_axis, digest, progress):
+            x = mark_missing(masked, recipe.zero_is_missing)
+            del masked
+            if recipe.log2:
+                log2_transform(x, recipe.log2_offset)
+            block, block_keys = combine_block(x, sel.genes[rows], sel.planes[rows], recipe)
+            values[filled:filled + len(block)] = block
+            keys.append(block_keys if recipe.group_by == "gene" else sel.ids[rows].astype(str))
+            filled += len(block)
+        values = values[:filled]
+        row_keys = np.concatenate(keys)
+        read_seconds = time.monotonic() - t0
+
+        frac = missing_fraction(values)
+        keep = frac < recipe.max_missing
+        if not keep.any():
+            raise AnalysisError(f"--max-missing {recipe.max_missing} leaves no rows: the least missing of "
+                                f"{len(frac)} rows has {frac.min():.1%} of the {n_vox} masked voxels missing; "
+                                "raise it, or choose a mask the experiments cover")
+        values, row_keys = keep_rows(values, keep), row_keys[keep]
+
+        t1 = time.monotonic()
+        coords = (affine(geometry) @ np.vstack([np.argwhere(mask).T, np.ones(n_vox)]))[:3].T
+        if recipe.impute != "none":
+            log.info("imputing %d NaN cells of %d rows x %d voxels (%s)", int(np.isnan(values).sum()),
+                     values.shape[0], n_vox, recipe.impute)
+        if recipe.impute == "knn":
+            values = knn_impute(values, recipe.knn_neighbors)
+        elif recipe.impute == "spatial":
+            values = spatial_impute(values, coords)
+        impute_seconds = time.monotonic() - t1
+
+    if homologs is not None:
+        genes_of_rows = row_keys if recipe.group_by == "gene" else _genes_of_ids(row_keys, sel)
+        has = np.isin(genes_of_rows, list(homologs))
+        if not has.any():
+            raise AnalysisError(f"homolog table {recipe.homologs}: none of the {len(row_keys)} rows' genes is in its "
+                                "Mouse column; check that it lists mouse gene acronyms")
+        values, row_keys = keep_rows(values, has), row_keys[has]
+    values = normalise(values, recipe.normalise)
+
+    obs = _obs(row_keys, sel, catalogue, recipe)
+    ijk = np.argwhere(mask)
+    var = pd.DataFrame({"i": ijk[:, 0], "j": ijk[:, 1], "k": ijk[:, 2],
+                        "x": coords[:, 0], "y": coords[:, 1], "z": coords[:, 2]},
+                       index=pd.Index([str(v) for v in range(n_vox)], name="voxel"))
+    columns = np.array(var.index, dtype=object)
+    n_region_voxels = 0
+    if labels is not None:
+        voxel_labels = labels.ravel()[mask_flat]
+        var["label"] = voxel_labels
+        var["region"] = [table.get(int(v), "") for v in voxel_labels]
+    if labels is not None and recipe.region_means:
+        values, regions = region_means(values, voxel_labels, table)
+        counts = var[var["region"] != ""].groupby("region").size()
+        n_region_voxels = int(counts.sum())
+        var = pd.DataFrame({"n_voxels": counts.reindex(regions).to_numpy()},
+                           index=pd.Index(list(regions), name="region"))
+        columns = regions
+    facts = {
+        "cube": cube_location(out), "cube_hash": digest.hexdigest(), "ambasync_version": __version__,
+        "n_experiments": int(sel.ids.size), "n_rows_grouped": int(filled), "n_rows": int(values.shape[0]),
+        "n_voxels": n_vox, "n_columns": int(values.shape[1]), "n_region_voxels": n_region_voxels,
+        "planes": sorted(set(sel.planes.tolist())), "read_seconds": read_seconds,
+        "impute_seconds": impute_seconds, "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or "",
+    }
+    return Matrix(values, row_keys, ROW_LABEL[recipe.group_by], obs, var, columns, mask, geometry, recipe, facts)
+
+
+def _genes_of_ids(row_keys: np.ndarray, sel: Selection) -> np.ndarray:
+    import numpy as np
+    gene_of = dict(zip(sel.ids.astype(str).tolist(), sel.genes.tolist()))
+    return np.array([gene_of[k] for k in row_keys])
+
+
+def _obs(row_keys: np.ndarray, sel: Selection, catalogue: Any, recipe: Recipe) -> Any:
+    """Catalogue columns per row: an experiment's own, or per gene its experiments (ids ';'-joined)."""
+    import numpy as np
+    import pandas as pd
+
+    cat = catalogue.set_index("experiment_id").loc[sel.ids]
+    if recipe.group_by == "experiment":
+        obs = cat.loc[[int(k) for k in row_keys]].reset_index()
+        obs.index = pd.Index(list(row_keys), name="experiment")
+        return obs.astype({c: str for c in obs.columns if obs[c].dtype == object})
+    by_gene = cat.reset_index().groupby("gene", sort=True)
+    obs = pd.DataFrame({
+        "gene_name": by_gene["gene_name"].first() if "gene_name" in cat else by_gene["plane"].first(),
+        "n_experiments": by_gene.size(),
+        "experiment_ids": by_gene["experiment_id"].agg(lambda s: ";".join(map(str, s))),
+        "planes": by_gene["plane"].agg(lambda s: ";".join(sorted(set(s)))),
+    })
+    for name in ("entrez_id", "homologene_id", "chromosome_id"):
+        if name in cat:
+            obs[name] = by_gene[name].first()
+    obs = obs.loc[list(row_keys)]
+    obs.index = pd.Index(list(row_keys), name="gene")
+    return obs.astype({c: str for c in obs.columns if obs[c].dtype == object})
+
+
+__all__ = ["Matrix", "build_matrix"]

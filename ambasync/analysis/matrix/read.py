@@ -1,0 +1,136 @@
+"""What ``matrix`` reads: the cube's catalogue and its experiments in blocks of whole genes
+(through :mod:`ambasync.__SPLIT__`'s lazy cube), and the recipe's side inputs (homolog and label
+tables, the label image on the cube's grid)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ambasync.errors import AnalysisError
+from ambasync.analysis.matrix.steps import Selection, mirror_hemisphere
+from ambasync.analysis.matrix.recipe import Recipe
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("ambasync.matrix")
+
+BLOCK_EXPERIMENTS = 128  # experiments read per block: ~80 MB of float32 grids on the 200 µm grid
+
+
+def read_catalogue(ds: Any) -> Any:
+    """The catalogue columns along ``experiment``, read in one go (they are lazy coordinates)."""
+    import dask
+    import numpy as np
+    import pandas as pd
+
+    names = [n for n in ds["experiment"].coords if n != "experiment" and ds[n].dims == ("experiment",)]
+    values = dask.compute(ds["experiment"].data, *[ds[n].data for n in names])
+    data = {"experiment_id": np.asarray(values[0], dtype=np.int64)}
+    data.update({n: np.asarray(v) for n, v in zip(names, values[1:])})
+    return pd.DataFrame(data)
+
+
+def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: int | None,
+                digest: Any, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows of this block in ``sel`` order, masked float32 voxels), whole genes per block.
+    The next block is read (dask: decompression on every core) while the caller works on this one.
+    Not :func:`ambasync.cube.read.read_experiments`, which reads a range of storage positions: a
+    recipe's experiments are scattered positions (one plane, a gene list), gathered here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    n = sel.ids.size
+    bounds, start = [], 0
+    while start < n:
+        stop = min(n, start + BLOCK_EXPERIMENTS)
+        while stop < n and sel.genes[stop] == sel.genes[stop - 1]:
+            stop += 1
+        bounds.append((start, stop))
+        start = stop
+
+    def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(start, stop)
+        pos = sel.positions[rows]
+        order = np.argsort(pos, kind="stable")  # read the cube in storage order, then put back
+        raw = np.asarray(data[pos[order]].compute())
+        if mirror_axis is not None:
+            sag = sel.planes[rows][order] == "sagittal"
+            if sag.any():
+                raw[sag] = mirror_hemisphere(raw[sag], mirror_axis + 1)
+        masked = np.empty((len(rows), int(mask_flat.sum())), dtype=raw.dtype)
+        masked[order] = raw.reshape(len(rows), -1)[:, mask_flat]
+        return rows, masked
+
+    bar = _progress(len(bounds), "reading the cube", progress)
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(load, *bounds[0]) if bounds else None
+        for i in range(len(bounds)):
+            rows, masked = ahead.result()
+            ahead = reader.submit(load, *bounds[i + 1]) if i + 1 < len(bounds) else None
+            digest.update(np.ascontiguousarray(masked, dtype="<f4").tobytes())
+            bar(1)
+            yield rows, masked
+    bar(None)
+
+
+def _progress(total: int, what: str, enabled: bool):
+    """A tqdm bar on a terminal, else a log line every tenth; call with 1 per step, None to close."""
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=what, unit="block", leave=False)
+        return lambda step: bar.close() if step is None else bar.update(step)
+    state = {"done": 0, "t": time.monotonic()}
+
+    def tick(step: int | None) -> None:
+        if step is None:
+            return
+        state["done"] += step
+        if enabled and (state["done"] == total or state["done"] % max(1, total // 10) == 0):
+            log.info("%s: %d/%d blocks (%.0f s)", what, state["done"], total, time.monotonic() - state["t"])
+
+    return tick
+
+
+def hemisphere_axis(ds: Any) -> int:
+    """Index (0..2, of zspace/yspace/xspace) of the left-right axis: the Allen grid's stored z
+    axis, which the notebook's RAS reorientation puts last (xspace) and PIR keeps first."""
+    return 2 if ds.attrs.get("orientation", "RAS") == "RAS" else 0
+
+
+def read_table(path: str, columns: tuple[str, str], what: str) -> Any:
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError:
+        raise AnalysisError(f"{what} {path}: no such file") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise AnalysisError(f"{what} {path}: not a readable CSV ({exc})") from None
+    absent = [c for c in columns if c not in table.columns]
+    if absent:
+        raise AnalysisError(f"{what} {path}: no column {absent[0]!r} (needs columns {', '.join(columns)})")
+    return table
+
+
+def labels_on_grid(recipe: Recipe, ds: Any) -> np.ndarray:
+    import numpy as np
+    from ambasync.cube.read import cube_geometry
+    from ambasync.imaging.regrid import describe, on_grid, read_image, same_grid
+
+    data, geometry = read_image(recipe.labels)
+    grid = cube_geometry(ds)
+    if not same_grid(geometry, grid):
+        if not recipe.resample_images:
+            raise AnalysisError(f"labels {recipe.labels} are on another grid ({describe(geometry)}) than the cube "
+                                f"({describe(grid)}); resample them onto the cube's grid first, or --resample-images")
+        data = on_grid(data, geometry, grid, "nearest")
+    return np.nan_to_num(np.rint(data), nan=0).astype(np.int64)
+
+
+__all__ = ["hemisphere_axis", "labels_on_grid", "read_blocks", "read_catalogue", "read_table"]

@@ -1,0 +1,98 @@
+"""``ambasync matrix`` on the command line: the parser (every recipe field a flag), and the
+handler that builds the matrix and writes it.
+
+Nothing heavy is imported at module level: ``ambasync.cli`` builds this command's parser in
+the run's event-loop process, which never imports numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ambasync.analysis.matrix.recipe import (COMBINE, GROUP_BY, IMPUTE, NORMALISE, PLANES, VARIABLES, Recipe, load_recipe, make_recipe)
+
+
+# flag name -> recipe field; booleans take --x / --no-x
+_FLAGS = {
+    "plane": ("--plane", dict(choices=PLANES, help="experiments of this plane (both: combine per --combine)")),
+    "genes_in_coronal": ("--genes-in-coronal", dict(action=argparse.BooleanOptionalAction,
+                                                    help="sagittal: only genes that also have a coronal experiment")),
+    "genes": ("--genes", dict(metavar="A,B", help="only these gene acronyms")),
+    "ids": ("--ids", dict(metavar="ID,ID", help="only these experiment ids")),
+    "variable": ("--variable", dict(choices=VARIABLES, help="cube variable (grid volume) to use")),
+    "mask": ("--mask", dict(metavar="coronal|sagittal|brain|PATH",
+                            help="coverage >= 0.8 of a plane, voxels with any data, or an image's nonzero voxels")),
+    "resample_images": ("--resample-images", dict(action=argparse.BooleanOptionalAction,
+                                                  help="resample a mask or label image on another grid (nearest)")),
+    "zero_is_missing": ("--zero-is-missing", dict(action=argparse.BooleanOptionalAction,
+                                                  help="measured 0 is missing too (-1 always is)")),
+    "log2": ("--log2", dict(action=argparse.BooleanOptionalAction, help="log2-transform the values")),
+    "log2_offset": ("--log2-offset", dict(type=float, metavar="C", help="log2(x + C)")),
+    "group_by": ("--group-by", dict(choices=GROUP_BY, help="one row per gene (mean skipping NaN) or per experiment")),
+    "combine": ("--combine", dict(choices=COMBINE, help="--plane both: how a gene's two planes combine")),
+    "max_missing": ("--max-missing", dict(type=float, metavar="F",
+                                          help="keep rows whose NaN fraction is strictly below F")),
+    "impute": ("--impute", dict(choices=IMPUTE, help="fill NaN: none, KNNImputer (as MHTS), or spatial neighbours")),
+    "knn_neighbors": ("--knn-neighbors", dict(type=int, metavar="K", help="KNNImputer's n_neighbors")),
+    "normalise": ("--normalise", dict(choices=NORMALISE, help="none, mhts, srs or zscore (abagen's)")),
+    "mirror_hemisphere": ("--mirror-hemisphere", dict(action=argparse.BooleanOptionalAction,
+                                                      help="fill sagittal maps across the midline")),
+    "homologs": ("--homologs", dict(metavar="CSV", help="keep genes in its Mouse column")),
+    "labels": ("--labels", dict(metavar="PATH", help="label image: gene x region means")),
+    "label_table": ("--label-table", dict(metavar="CSV", help="columns Structure, Label (0 = none)")),
+    "region_means": ("--region-means", dict(action=argparse.BooleanOptionalAction,
+                                            help="with --labels: region means (default), or voxels named by region")),
+}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``matrix`` subcommand, added to ``ambasync.cli``'s subparsers."""
+    p = subparsers.add_parser(
+        "matrix", help="gene-by-voxel or gene-by-region matrix from the cube",
+        description="Build a gene-by-voxel (or -region) matrix from the cube, by a recipe (default mhts) "
+                    "with any step overridden by its flag. See docs/matrix.md.")
+    p.add_argument("--out", metavar="DIR", help="the mirror folder holding cube.zarr (or the .zarr itself)")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="output: .csv (MHTS layout), .parquet, .h5ad, .zarr; with --volume .mnc, .nii, .nii.gz")
+    p.add_argument("--recipe", default="mhts", metavar="NAME|TOML", help="mhts (default) or a recipe file")
+    for name, (flag, kwargs) in _FLAGS.items():
+        p.add_argument(flag, dest=name, default=None, **kwargs)
+    p.add_argument("--volume", metavar="GENE", help="write this gene's (or experiment's) processed map as an image")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler to compute on")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
+    return p
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    base = load_recipe(args.recipe)
+    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
+    return make_recipe(overrides, base=base, where="command line") if overrides else base
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    """``python -m ambasync matrix``: build, then write; bad input is one line and exit 2."""
+    from ambasync.errors import AnalysisError
+    from ambasync.cube.read import mirror_folder
+    from ambasync.analysis.matrix.build import build_matrix
+    from ambasync.analysis.matrix.write import output_kind, write_matrix, write_row_image
+
+    recipe = recipe_from_args(args)
+    output_kind(args.to, args.volume)
+    if not Path(args.to).parent.is_dir():  # before the build, which can take long
+        raise AnalysisError(f"--to {args.to}: folder {Path(args.to).parent} does not exist")
+    out = mirror_folder(args.out)
+    progress = not getattr(args, "quiet", False)
+    m = build_matrix(out, recipe, scheduler=args.scheduler, progress=progress)
+    written = write_row_image(m, args.volume, args.to) if args.volume else write_matrix(m, args.to)
+    if progress:
+        print(f"wrote {written.path}: {m.facts['n_rows']} {m.row_label.lower()}s x {m.facts['n_columns']} "
+              f"{'regions' if m.var.index.name == 'region' else 'voxels'} from {m.facts['n_experiments']} "
+              f"experiments; recipe {written.recipe_path}, methods {written.methods_path}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["add_parser", "cmd_matrix", "recipe_from_args"]

@@ -1,0 +1,106 @@
+"""Opening the cube and reading blocks of it: the one way the analysis layer reaches the store.
+
+``matrix``, ``search`` and ``view`` read the cube only through here (never the mirror's
+MINC files, never the run's internals), so a remote store or another layout changes this
+module alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ambasync.geometry import Geometry
+from ambasync.paths import CUBE_NAME
+from ambasync.errors import AnalysisError
+from ambasync.geometry import DIMNAMES
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+
+
+def mirror_folder(out: str | None) -> str:
+    """``--out`` if given, else the mirror folder ``run`` would use (``[output] out`` from the
+    config file or the environment)."""
+    if out:
+        return out
+    from ambasync.config import load_config
+
+    return str(load_config(None, {}).output.out)
+
+
+def cube_location(out: str | os.PathLike) -> str:
+    """``{out}/cube.zarr``; ``out`` may be a folder or an fsspec URL, or name the store itself."""
+    text = str(out).rstrip("/")
+    return text if text.endswith(".zarr") else f"{text}/{CUBE_NAME}"
+
+
+def _run_first(out: str | os.PathLike) -> str:
+    return f"run `python -m ambasync run --out {out} --formats minc,cube` first"
+
+
+def open_cube(out: str | os.PathLike) -> xr.Dataset:
+    """The cube as a lazy xarray Dataset (dask arrays; nothing is read until computed)."""
+    import xarray as xr
+
+    location = cube_location(out)
+    if "://" not in location and not Path(location).is_dir():
+        raise AnalysisError(f"no cube at {location}: {_run_first(out)}")
+    try:
+        ds = xr.open_zarr(location, consolidated=None)
+    except Exception as exc:  # zarr says many things about a damaged store; the user needs one line
+        raise AnalysisError(f"cannot open the cube at {location} ({type(exc).__name__}: {exc}); "
+                            f"{_run_first(out)} to rebuild it") from None
+    if "expression" not in ds or tuple(ds["expression"].dims[1:]) != DIMNAMES:
+        raise AnalysisError(f"{location} is not an ambasync cube (no expression variable over "
+                            f"experiment, {', '.join(DIMNAMES)}); {_run_first(out)}")
+    return ds
+
+
+@functools.lru_cache(maxsize=4)
+def _plain_cube(location: str) -> xr.Dataset:
+    """The cube at ``location`` opened without dask, once per process (a worker's too)."""
+    import xarray as xr
+
+    return xr.open_zarr(location, chunks=None, consolidated=None)
+
+
+def read_experiments(out_or_location: str | os.PathLike, start: int, stop: int,
+                     variable: str = "expression") -> np.ndarray:
+    """Experiments ``start:stop`` (storage positions) of the cube's ``variable`` as one array,
+    read in one call: zarr then fetches all their chunks at once. Reading them through the dask
+    array instead costs a task and a synchronous read per stored chunk, which doubled the time of
+    a cube stored one experiment per chunk. Check the cube with :func:`open_cube` first."""
+    return np.asarray(_plain_cube(cube_location(out_or_location))[variable]
+                      .isel(experiment=slice(start, stop)).values)
+
+
+def read_voxels(out_or_location: str | os.PathLike, where: tuple[slice, slice, slice], start: int, stop: int,
+                variable: str = "expression_by_voxel") -> np.ndarray:
+    """A box of voxels ``where`` (zspace, yspace, xspace slices) of experiments ``start:stop`` from
+    the cube's voxel-major copy, as one (z, y, x, experiment) array read in one call."""
+    z, y, x = where
+    return np.asarray(_plain_cube(cube_location(out_or_location))[variable]
+                      .isel(zspace=z, yspace=y, xspace=x, experiment=slice(start, stop)).values)
+
+
+def cube_geometry(ds: xr.Dataset) -> Geometry:
+    """The cube's grid, from its world-coordinate variables (and their attrs, which carry the
+    direction cosines; without them the cosines are the axes' own)."""
+    sizes, starts, steps, cosines = [], [], [], {}
+    for name in DIMNAMES:
+        coord = ds[name]
+        values = np.asarray(coord.values, dtype=float)
+        sizes.append(values.size)
+        starts.append(float(coord.attrs.get("start", values[0])))
+        steps.append(float(coord.attrs.get("step", values[1] - values[0] if values.size > 1 else 1.0)))
+        default = tuple(float(name == axis) for axis in ("xspace", "yspace", "zspace"))
+        cosines[name] = tuple(float(c) for c in coord.attrs.get("direction_cosines", default))
+    return Geometry(DIMNAMES, tuple(sizes), tuple(starts), tuple(steps),  # type: ignore[arg-type]
+                    cosines["xspace"], cosines["yspace"], cosines["zspace"])
+

@@ -1,0 +1,69 @@
+"""`run --dry-run`: what a run would fetch, from the catalogue and a read-only look at the state.
+
+Writes nothing (no lock, no state, no folder); the state is read if there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from ambasync.mirror.catalog import InvalidRow, Row, Total
+from ambasync.config import Config
+from ambasync.mirror.decide import Action, Policy, judge
+from ambasync.errors import UpstreamError
+from ambasync.mirror.options import RunOptions
+from ambasync.mirror.outdir import check_output_folder
+from ambasync.mirror.formats.outputs import Outputs
+from ambasync.paths import Paths
+from ambasync.mirror.health import refuse_damaged
+from ambasync.mirror.report import Progress, Summary
+from ambasync.mirror.selection import Selection, selected
+from ambasync.settings import ConvertSettings
+from ambasync.mirror.source import AllenSource
+from ambasync.mirror.state import State
+
+log = logging.getLogger("ambasync")
+
+ZIP_SIZE_ESTIMATE = 390_000  # bytes, a typical real grid zip (for the estimate of what would be fetched)
+
+
+async def dry_run(cfg: Config, opts: RunOptions) -> Summary:
+    paths = Paths.for_config(cfg)
+    check_output_folder(paths.out, create=False, writable=False)
+    refuse_damaged(paths.state, paths.manifest)
+    summary = Summary()
+    progress = Progress(summary, cfg.pipeline.progress_interval, opts.quiet)
+    selection = Selection.for_config(cfg)
+    outputs = Outputs.for_config(cfg, paths)
+    outputs.peek()  # e.g. which experiments the cube holds, read without writing
+    settings = ConvertSettings.from_config(cfg).key()
+    policy = Policy.for_run(cfg, opts, paths)
+    state = State(paths.state, readonly=True) if paths.state.is_file() else None
+    try:
+        async with AllenSource.for_config(cfg) as source, \
+                contextlib.aclosing(selected(source.catalogue(cfg.planes), selection)) as items:
+            async for plane, item in items:
+                if isinstance(item, Total):
+                    progress.catalogue_total(plane, item.rows, selection.limit)
+                elif isinstance(item, InvalidRow):
+                    log.warning("invalid catalogue row: %s", item.reason)
+                    progress.count("invalid")
+                elif isinstance(item, Row):
+                    record = state.get(item.experiment_id) if state is not None else None
+                    verdict = await judge(record, outputs.targets(item, plane), settings, policy,
+                                          outputs.holds(item.experiment_id))
+                    if verdict.action in (Action.SKIP, Action.QUARANTINE):
+                        progress.count(verdict.action.value)
+                    else:
+                        summary.would_fetch += 1
+    except UpstreamError as exc:
+        log.error("stopping: %s", exc)
+        summary.error, summary.exit_code = str(exc), exc.exit_code
+    finally:
+        if state is not None:
+            state.close()
+        progress.close()
+    summary.finished = time.time()
+    return summary
