@@ -30,7 +30,7 @@ import numpy as np
 from bench.run import PY, Result, measure
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # tests/cubes.py and conftest.py: the test cube layout, one copy
+sys.path.insert(0, str(REPO / "tests"))  # tests/cubes.py and helpers.py: the test cube layout, one copy
 
 CORONAL_MASK = REPO / "tests" / "fixtures" / "coronal_200um_coverage_bin0.8.mnc"
 VARIANTS = 64
@@ -62,7 +62,7 @@ def write_cube(out: Path, experiments, batch: int = 256) -> int:
     import xarray as xr
     from cubes import CATALOGUE_COLUMNS, SIZES, STARTS, STEP, _column
 
-    from conftest import notebook_ras
+    from helpers import notebook_ras
 
     out.mkdir(parents=True, exist_ok=True)
     store = out / "cube.zarr"
@@ -108,7 +108,7 @@ def write_cube(out: Path, experiments, batch: int = 256) -> int:
 
 def write_minc_files(folder: Path, experiments) -> int:
     """Float MINC files ``{gene}_{id}.mnc`` of the experiments, as ``run --dtype float`` writes them."""
-    from conftest import notebook_ras
+    from helpers import notebook_ras
 
     from ambasync.geometry import output_geometry
     from ambasync.imaging.minc import write_volume

@@ -41,13 +41,13 @@ from bench.matrix import CORONAL_MASK, VARIANTS, _experiments, write_cube
 from bench.run import PY, measure
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # conftest's MINC reader: one copy
+sys.path.insert(0, str(REPO / "tests"))  # helpers' MINC reader: one copy
 TEMPLATE_MASK = REPO / "tests" / "fixtures" / "average_template_200um_mask.mnc"
 STARTS, STEP = (-2.7, -7.9, -5.7), 0.2  # the cube's grid (zspace, yspace, xspace)
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    from conftest import read_minc
+    from helpers import read_minc
 
     return read_minc(path)[0] > 0.5
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import notebook_ras
+from helpers import notebook_ras
 
 CATALOGUE_COLUMNS = ("section_thickness", "specimen_id", "plane", "gene", "gene_name", "chromosome_id",
                      "entrez_id", "genomic_reference_update_id", "homologene_id", "organism_id")
@@ -43,7 +43,7 @@ def replica_experiments(n_coronal: int, n_sagittal: int, seed: int = 0, real: bo
     without starting a server."""
     from ambasync.replica import Replica, ReplicaConfig
 
-    from conftest import GRIDS
+    from helpers import GRIDS
 
     rep = Replica(ReplicaConfig(n_coronal=n_coronal, n_sagittal=n_sagittal, seed=seed,
                                 real_dir=str(GRIDS) if real else "/nonexistent"))

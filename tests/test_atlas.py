@@ -12,7 +12,7 @@ from ambasync.analysis.cluster import compute_on
 from ambasync.cube.read import cube_geometry, cube_location, open_cube
 from ambasync.imaging.regrid import on_grid, read_image, same_grid, write_image
 from ambasync.analysis.masks import resolve_mask
-from conftest import FIXTURES, read_minc
+from helpers import FIXTURES, read_minc
 from cubes import SIZES, STARTS, STEP, local_cluster, replica_experiments, write_test_cube
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from ambasync.config import Config, load_config
 from ambasync.errors import ConfigError
-from conftest import REPO
+from helpers import REPO
 
 
 def write(tmp_path, text):

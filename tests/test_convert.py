@@ -11,7 +11,7 @@ import pytest
 from ambasync.mirror.convert import ConvertJob, convert
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target
-from conftest import (
+from helpers import (
     GRIDS, NOTEBOOK_DIMS, NOTEBOOK_SIZES, NOTEBOOK_STARTS, NOTEBOOK_STEPS, REAL_ZIPS, REFERENCE, dice,
     mincinfo, notebook_ras, quantisation_step, raw_from_zip, read_minc, require_reference, resample_like,
 )

@@ -1,6 +1,6 @@
 """The exact expression cube ({out}/cube.zarr), read back the way users read it: xarray.open_zarr.
 
-Expected values are computed here from the raw grids with plain numpy (conftest.notebook_ras),
+Expected values are computed here from the raw grids with plain numpy (helpers.notebook_ras),
 never by the code under test. Stores are small (a block of 8 experiments) so the voxel-major
 copy's blocks are exercised with few experiments.
 """
@@ -26,7 +26,7 @@ from ambasync.replica import Replica, ReplicaConfig
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target
 
-from conftest import REAL_ZIPS, notebook_ras, raw_from_zip, require_reference
+from helpers import REAL_ZIPS, notebook_ras, raw_from_zip, require_reference
 
 # Small voxel-major blocks and chunks: several blocks with few experiments, and a fast suite.
 SETTINGS = CubeSettings(block=8, by_voxel_chunk=(16, 32, 32))

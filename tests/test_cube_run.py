@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 
 from ambasync.replica import ReplicaConfig, serve
-from conftest import ambasync_cmd, manifest, mirror, notebook_ras
+from helpers import ambasync_cmd, manifest, mirror, notebook_ras
 
 N_CORONAL, N_SAGITTAL = 4, 2
 

@@ -9,7 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import FIXTURES, REPO
+from helpers import FIXTURES, REPO
 
 # One row per file of tests/fixtures/README.md: a silently replaced fixture would make the
 # parity tests compare against the wrong data.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ambasync.geometry import output_geometry, reorient, resolution_um
-from conftest import NOTEBOOK_DIMS, NOTEBOOK_SIZES, NOTEBOOK_STARTS, NOTEBOOK_STEPS, notebook_ras
+from helpers import NOTEBOOK_DIMS, NOTEBOOK_SIZES, NOTEBOOK_STARTS, NOTEBOOK_STEPS, notebook_ras
 
 GRID = (58, 41, 67)  # C-order shape of an Allen 200 µm grid (PIR)
 

@@ -10,7 +10,7 @@ import pytest
 
 from ambasync.errors import PermanentError, TransientError
 from ambasync.imaging.allen_grid import parse_mhd, read_grid
-from conftest import REAL_ZIPS, raw_from_zip, require_reference
+from helpers import REAL_ZIPS, raw_from_zip, require_reference
 
 MHD = """ObjectType = Image
 NDims = 3

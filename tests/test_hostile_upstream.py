@@ -8,7 +8,7 @@ import numpy as np
 
 from ambasync.mirror.fetch import MAX_REDIRECTS
 from ambasync.replica import ReplicaConfig, serve
-from conftest import manifest, mirror, notebook_ras, quantisation_step, read_minc, sha256
+from helpers import manifest, mirror, notebook_ras, quantisation_step, read_minc, sha256
 
 FIRST = 100000  # the replica's coronal ids: 100000 + 13 * i
 

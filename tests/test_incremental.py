@@ -5,7 +5,7 @@ import sqlite3
 
 from ambasync.mirror.options import RunOptions
 from ambasync.replica import ReplicaConfig, serve
-from conftest import manifest, mirror
+from helpers import manifest, mirror
 
 
 def grid_requests(rep) -> int:

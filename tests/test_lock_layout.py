@@ -13,7 +13,7 @@ import pytest
 
 from ambasync.errors import LockedError
 from ambasync.mirror.lock import GUARD, OutputLock, layout_for
-from conftest import REPO, ambasync_cmd
+from helpers import REPO, ambasync_cmd
 
 
 def lock(out, shard=None, **kw) -> OutputLock:

@@ -20,7 +20,7 @@ import pytest
 import scipy.stats
 
 from ambasync.cli import main
-from conftest import FIXTURES, MHTS, ambasync_cmd, notebook_ras, read_minc
+from helpers import FIXTURES, MHTS, ambasync_cmd, notebook_ras, read_minc
 from cubes import replica_experiments, write_test_cube
 
 CORONAL_MASK = FIXTURES / "coronal_200um_coverage_bin0.8.mnc"
@@ -241,7 +241,7 @@ def test_a_cube_written_by_the_run_gives_the_same_matrix(tmp_path, slabs):
     of the contract's reference cube (tests/cubes.py) of the same experiments, both planes."""
     from ambasync.cube import CubeSettings, ZipSource, build_from_zips
     from ambasync.replica import Replica, ReplicaConfig
-    from conftest import GRIDS
+    from helpers import GRIDS
 
     rep = Replica(ReplicaConfig(n_coronal=8, n_sagittal=4, seed=5, real_dir=str(GRIDS)))
     sources = []

@@ -11,7 +11,7 @@ import pytest
 from ambasync.mirror.metrics import render, textfile_path, write_textfile
 from ambasync.replica import ReplicaConfig, serve
 from ambasync.mirror.report import Summary
-from conftest import mirror
+from helpers import mirror
 
 # The text exposition format, line by line (prometheus docs, "Exposition formats", 0.0.4).
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

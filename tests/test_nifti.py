@@ -14,7 +14,7 @@ from ambasync.geometry import output_geometry, reorient
 from ambasync.imaging.minc import write_volume
 from ambasync.imaging.nifti import write_nifti
 
-from conftest import REAL_ZIPS, mincinfo, notebook_ras, quantisation_step, raw_from_zip, read_minc, require_reference
+from helpers import REAL_ZIPS, mincinfo, notebook_ras, quantisation_step, raw_from_zip, read_minc, require_reference
 
 # a few voxels in MINC array order (zspace, yspace, xspace indices for RAS; any order for PIR)
 PROBES = [(0, 0, 0), (40, 66, 57), (20, 33, 29), (5, 60, 11), (37, 2, 50)]

@@ -10,7 +10,7 @@ import pytest
 
 from ambasync.config import Config, load_config
 from ambasync.replica import Replica, ReplicaConfig, serve
-from conftest import ReplicaProcess, ambasync_cmd, manifest, mirror, notebook_ras, read_minc, sha256, state_rows
+from helpers import ReplicaProcess, ambasync_cmd, manifest, mirror, notebook_ras, read_minc, sha256, state_rows
 
 FAST = ["--concurrency", "4", "--workers", "2"]
 

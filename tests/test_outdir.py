@@ -12,7 +12,7 @@ import pytest
 
 from ambasync.errors import ConfigError
 from ambasync.mirror.outdir import check_output_folder
-from conftest import ambasync_cmd
+from helpers import ambasync_cmd
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

@@ -19,7 +19,7 @@ from ambasync.mirror.formats.outputs import Outputs
 from ambasync.paths import Paths
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target
-from conftest import REAL_ZIPS, notebook_ras, raw_from_zip, read_minc, require_reference
+from helpers import REAL_ZIPS, notebook_ras, raw_from_zip, read_minc, require_reference
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ async def test_a_run_writes_nifti_beside_minc_with_the_same_world_and_the_next_n
     import nibabel
 
     from ambasync.replica import ReplicaConfig, serve
-    from conftest import manifest, mirror
+    from helpers import manifest, mirror
 
     async with serve(ReplicaConfig(n_coronal=3, n_sagittal=0)) as (rep, url):
         first = await mirror(url, tmp_path, output__formats=["minc", "nifti"], convert__dtype="float")
@@ -108,7 +108,7 @@ async def test_verify_holds_nifti_files_to_their_record_and_geometry(tmp_path):
     import subprocess
 
     from ambasync.replica import ReplicaConfig, serve
-    from conftest import ambasync_cmd, mirror
+    from helpers import ambasync_cmd, mirror
 
     async with serve(ReplicaConfig(n_coronal=2, n_sagittal=0, real_dir="/nonexistent")) as (_, url):
         await mirror(url, tmp_path, output__formats=["minc", "nifti"])

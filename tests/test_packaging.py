@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_ci_runs_exactly_the_readmes_test_command():

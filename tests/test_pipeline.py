@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ambasync.replica import REAL_IDS, ReplicaConfig, serve
-from conftest import (
+from helpers import (
     NOTEBOOK_SIZES, NOTEBOOK_STARTS, manifest, mincinfo, mirror, notebook_ras, quantisation_step, read_minc, sha256,
 )
 

@@ -17,7 +17,7 @@ from ambasync.mirror.rebuild import recover_state
 from ambasync.mirror.rebuild import rebuild_state
 from ambasync.replica import ReplicaConfig, serve
 from ambasync.mirror.state import Output, State
-from conftest import ambasync_cmd, mirror, mirror_config
+from helpers import ambasync_cmd, mirror, mirror_config
 
 SETTINGS = "RAS/MICe/x1/ushort"  # the shipped defaults' settings key
 

@@ -14,7 +14,7 @@ import pytest
 
 from ambasync.mirror.lock import OutputLock, layout_for
 from ambasync.replica import Replica, ReplicaConfig, serve
-from conftest import (
+from helpers import (
     ReplicaProcess, ambasync_cmd, manifest, mirror, notebook_ras, quantisation_step, read_minc, sha256, state_rows,
 )
 

@@ -12,7 +12,7 @@ import pytest
 
 from ambasync.mirror.catalog import COLUMNS, grid_url, query_url
 from ambasync.replica import REAL_IDS, ReplicaConfig, serve
-from conftest import REAL_ZIPS, require_reference
+from helpers import REAL_ZIPS, require_reference
 
 
 async def get(url: str, **kw):

@@ -17,7 +17,7 @@ import pytest
 from scipy import ndimage, stats
 
 from ambasync.cli import main
-from conftest import FIXTURES, notebook_ras, read_minc
+from helpers import FIXTURES, notebook_ras, read_minc
 from cubes import SIZES, STARTS, STEP, TestExperiment, local_cluster, replica_experiments, write_test_cube
 
 SIGMA_VOXELS = 2.5  # smoothness of the test experiments and maps (0.5 mm), like ISH energy at 200 µm
@@ -299,7 +299,7 @@ def test_cube_with_voxel_major_copy_gives_the_volume_major_table(tmp_path):
     from ambasync.cube import CubeSettings, ZipSource, build_from_zips
     from ambasync.replica import Replica, ReplicaConfig
     from ambasync.analysis.search.correlate import correlate
-    from conftest import GRIDS
+    from helpers import GRIDS
 
     rep = Replica(ReplicaConfig(n_coronal=9, n_sagittal=4, seed=3, real_dir=str(GRIDS)))
     sources, arrays = [], []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ReplicaProcess, ambasync_cmd, state_rows
+from helpers import ReplicaProcess, ambasync_cmd, state_rows
 
 HANG_GUARD = 30.0  # seconds: only so a broken build fails instead of hanging (not a speed check)
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from ambasync.analysis.matrix.recipe import (COMBINE, GROUP_BY, IMPUTE, NORMALISE, PLANES, VARIABLES, Recipe, load_recipe, make_recipe)
+from ambasync.analysis.matrix.recipe import COMBINE, GROUP_BY, IMPUTE, NORMALISE, PLANES, VARIABLES
 
 
 # flag name -> recipe field; booleans take --x / --no-x
@@ -67,32 +66,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    base = load_recipe(args.recipe)
-    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
-    return make_recipe(overrides, base=base, where="command line") if overrides else base
-
-
 def cmd_matrix(args: argparse.Namespace) -> int:
-    """``python -m ambasync matrix``: build, then write; bad input is one line and exit 2."""
-    from ambasync.errors import AnalysisError
-    from ambasync.cube.read import mirror_folder
-    from ambasync.analysis.matrix.build import build_matrix
-    from ambasync.analysis.matrix.write import output_kind, write_matrix, write_row_image
+    """``python -m ambasync matrix``: :func:`ambasync.matrix` with the flags; bad input is one
+    line and exit 2."""
+    from ambasync.analysis.matrix.api import matrix
 
-    recipe = recipe_from_args(args)
-    output_kind(args.to, args.volume)
-    if not Path(args.to).parent.is_dir():  # before the build, which can take long
-        raise AnalysisError(f"--to {args.to}: folder {Path(args.to).parent} does not exist")
-    out = mirror_folder(args.out)
-    progress = not getattr(args, "quiet", False)
-    m = build_matrix(out, recipe, scheduler=args.scheduler, progress=progress)
-    written = write_row_image(m, args.volume, args.to) if args.volume else write_matrix(m, args.to)
-    if progress:
-        print(f"wrote {written.path}: {m.facts['n_rows']} {m.row_label.lower()}s x {m.facts['n_columns']} "
-              f"{'regions' if m.var.index.name == 'region' else 'voxels'} from {m.facts['n_experiments']} "
-              f"experiments; recipe {written.recipe_path}, methods {written.methods_path}", file=sys.stderr)
+    overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
+    quiet = getattr(args, "quiet", False)
+    m = matrix(args.out, args.recipe, to=args.to, volume=args.volume, scheduler=args.scheduler,
+               cube=getattr(args, "cube", None), memory=getattr(args, "memory", None), quiet=quiet, **overrides)
+    facts = m.attrs["ambasync"]
+    if not quiet:
+        print(f"wrote {facts['written']}: {facts['n_rows']} {m.index.name.lower()}s x {facts['n_columns']} "
+              f"{'regions' if facts.get('columns') == 'regions' else 'voxels'} from {facts['n_experiments']} "
+              f"experiments; recipe {facts['recipe_path']}, methods {facts['methods_path']}", file=sys.stderr)
     return 0
 
 
-__all__ = ["add_parser", "cmd_matrix", "recipe_from_args"]
+__all__ = ["add_parser", "cmd_matrix"]

@@ -10,32 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ambasync.files import atomic_path
-from ambasync.analysis.search.correlate import (BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, METHODS, correlate, fold_change)
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-
-def write_table(table: pd.DataFrame, path: str | Path) -> Path:
-    """A results table as CSV, atomically (an interrupted write leaves nothing under ``path``)."""
-    from ambasync.errors import AnalysisError
-
-    dest = Path(path)
-    if not dest.parent.is_dir():
-        raise AnalysisError(f"{dest}: the folder {dest.parent} does not exist")
-    with atomic_path(dest) as tmp:
-        table.to_csv(tmp, index=False)
-    return dest
-
-
-def genes_path(to: str | Path) -> Path:
-    """Where ``--by gene`` writes its table: beside RESULTS, ``_genes`` before the suffix."""
-    dest = Path(to)
-    return dest.with_name(f"{dest.stem}_genes{dest.suffix or '.csv'}")
+from ambasync.analysis.search.correlate import BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, METHODS
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -67,46 +44,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """``python -m ambasync search``: bad input is one line and exit 2."""
-    from ambasync.errors import AnalysisError
-    from ambasync.cube.read import mirror_folder
-    from ambasync.analysis.search.plot import plot_result
+    """``python -m ambasync search``: :func:`ambasync.search` with the flags; bad input is one
+    line and exit 2."""
+    from ambasync.analysis.search.api import run_search
+    from ambasync.analysis.search.tables import genes_path
 
-    out = mirror_folder(args.out)
     progress = not args.quiet
     if progress:
         logging.getLogger("ambasync").setLevel(min(logging.getLogger("ambasync").getEffectiveLevel(), logging.INFO))
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise AnalysisError(f"--plot {args.plot}: the picture is written as PNG; give a name ending in .png")
-    if args.target:
-        if args.map:
-            raise AnalysisError("give either MAP (correlation) or --target (fold change), not both")
-        if args.plot or args.by == "gene":
-            raise AnalysisError("--plot and --by gene go with a MAP (correlation mode), not with --target")
-        table = fold_change(out, args.target, args.contrast, args.mask, args.scheduler, progress)
-        written = write_table(table, args.to)
-        if progress:
-            print(f"wrote {written}: {len(table)} experiments by log2 fold change of {args.target} over "
-                  f"{args.contrast or 'the rest of the mask'}", file=sys.stderr)
+    done = run_search(args.out, args.map, to=args.to, mask=args.mask, method=args.method, nulls=args.nulls,
+                      seed=args.seed, by=args.by, target=args.target, contrast=args.contrast, plot=args.plot,
+                      scheduler=args.scheduler, cube=getattr(args, "cube", None), quiet=not progress)
+    if not progress:
         return 0
-    if args.contrast:
-        raise AnalysisError("--contrast needs --target")
-    if not args.map:
-        raise AnalysisError("give a MAP to correlate with, or --target ROI for fold changes")
-    result = correlate(out, args.map, args.mask, args.method, args.nulls, args.seed, args.by == "gene",
-                       args.scheduler, progress)
-    written = write_table(result.experiments, args.to)
-    if result.genes is not None:
-        write_table(result.genes, genes_path(args.to))
-    if args.plot:
-        plot_result(result, out, args.plot, Path(args.map).name)
-    if progress:
-        hits = int((result.experiments["q"] < 0.05).sum())
-        print(f"wrote {written}: {len(result.experiments)} experiments, {hits} with q < 0.05 "
-              f"({result.method}, {result.n_nulls} spatial nulls)"
-              + (f"; genes in {genes_path(args.to)}" if result.genes is not None else "")
-              + (f"; picture {args.plot}" if args.plot else ""), file=sys.stderr)
+    if done.result is None:
+        print(f"wrote {args.to}: {len(done.experiments)} experiments by log2 fold change of {args.target} over "
+              f"{args.contrast or 'the rest of the mask'}", file=sys.stderr)
+        return 0
+    hits = int((done.experiments["q"] < 0.05).sum())
+    print(f"wrote {args.to}: {len(done.experiments)} experiments, {hits} with q < 0.05 "
+          f"({done.result.method}, {done.result.n_nulls} spatial nulls)"
+          + (f"; genes in {genes_path(args.to)}" if done.genes is not None else "")
+          + (f"; picture {args.plot}" if args.plot else ""), file=sys.stderr)
     return 0
 
 
-__all__ = ["add_parser", "cmd_search", "genes_path", "write_table"]
+__all__ = ["add_parser", "cmd_search"]

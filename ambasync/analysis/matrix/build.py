@@ -1,7 +1,7 @@
 """``ambasync matrix``: gene-by-voxel and gene-by-region matrices from the cube, recipe by recipe.
 
 :func:`build_matrix` applies the recipe's steps (:mod:`ambasync.analysis.matrix.steps`, pure numpy;
-:mod:`ambasync.analysis.matrix.impute`) in order to the cube, read only through :mod:`ambasync.__SPLIT__`
+:mod:`ambasync.analysis.matrix.impute`) in order to the cube, read only through :mod:`ambasync.cube.read`
 in blocks of whole genes (:mod:`ambasync.analysis.matrix.read`), so memory stays near the size of the
 result whatever the cube holds. :mod:`ambasync.analysis.matrix.write` writes the result;
 :mod:`ambasync.cli.matrix` is the command line.
@@ -156,7 +156,8 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
     facts = {
         "cube": cube_location(out), "cube_hash": digest.hexdigest(), "ambasync_version": __version__,
         "n_experiments": int(sel.ids.size), "n_rows_grouped": int(filled), "n_rows": int(values.shape[0]),
-        "n_voxels": n_vox, "n_columns": int(values.shape[1]), "n_region_voxels": n_region_voxels,
+        "n_voxels": n_vox, "n_columns": int(values.shape[1]),
+        "columns": "regions" if var.index.name == "region" else "voxels", "n_region_voxels": n_region_voxels,
         "planes": sorted(set(sel.planes.tolist())), "read_seconds": read_seconds,
         "impute_seconds": impute_seconds, "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or "",
     }

@@ -1,5 +1,5 @@
 """What ``matrix`` reads: the cube's catalogue and its experiments in blocks of whole genes
-(through :mod:`ambasync.__SPLIT__`'s lazy cube), and the recipe's side inputs (homolog and label
+(through :mod:`ambasync.cube.read`'s lazy cube), and the recipe's side inputs (homolog and label
 tables, the label image on the cube's grid)."""
 
 from __future__ import annotations

@@ -112,14 +112,18 @@ def _write_csv(m: Matrix, tmp: Path) -> None:
             fh.write(future.result())
 
 
-def _frame(m: Matrix) -> Any:
+def as_frame(m: Matrix) -> Any:
+    """The matrix as a pandas DataFrame: rows named by gene (or experiment id), columns by voxel
+    index or region; what ``.parquet`` holds and :func:`ambasync.matrix` returns."""
     import pandas as pd
 
     return pd.DataFrame(m.values, index=pd.Index([str(r) for r in m.rows], name=m.row_label),
                         columns=[str(c) for c in m.columns])
 
 
-def _write_h5ad(m: Matrix, tmp: Path) -> None:
+def as_anndata(m: Matrix) -> Any:
+    """The matrix as AnnData: ``obs`` the catalogue columns of each row, ``var`` each voxel's
+    i/j/k and x/y/z (or each region's size), ``uns`` the recipe (exact TOML too) and the facts."""
     import numpy as np
     import anndata
 
@@ -130,7 +134,11 @@ def _write_h5ad(m: Matrix, tmp: Path) -> None:
                            for k, v in m.recipe.to_dict().items()}
     adata.uns["recipe_toml"] = dumps(m.recipe, __version__)  # exact: `--recipe` reads it back
     adata.uns["ambasync"] = {k: v for k, v in m.facts.items() if isinstance(v, (str, int, float))}
-    adata.write_h5ad(tmp)
+    return adata
+
+
+def _write_h5ad(m: Matrix, tmp: Path) -> None:
+    as_anndata(m).write_h5ad(tmp)
 
 
 def _write_zarr(m: Matrix, tmp: Path) -> None:
@@ -183,7 +191,7 @@ def write_matrix(m: Matrix, to: str) -> Written:
             elif kind == ".csv":
                 _write_csv(m, tmp)
             elif kind == ".parquet":
-                _frame(m).to_parquet(tmp, engine="pyarrow")
+                as_frame(m).to_parquet(tmp, engine="pyarrow")
             else:
                 _write_h5ad(m, tmp)
         if kind == ".zarr":
@@ -221,4 +229,4 @@ def write_row_image(m: Matrix, row: str, to: str) -> Written:
     return Written(str(path), str(recipe_path), str(methods_path))
 
 
-__all__ = ["FORMATS", "IMAGE_FORMATS", "Written", "output_kind", "write_matrix", "write_row_image"]
+__all__ = ["FORMATS", "IMAGE_FORMATS", "Written", "as_anndata", "as_frame", "output_kind", "write_matrix", "write_row_image"]

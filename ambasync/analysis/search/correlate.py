@@ -1,7 +1,7 @@
 """``ambasync search``: which experiments (and genes) are expressed like a user's map, with
 spatial-null p-values; or, with ``--target``/``--contrast``, which are enriched in a region.
 
-The map is brought onto the cube's grid by world coordinates (:mod:`ambasync.__SPLIT__`), its
+The map is brought onto the cube's grid by world coordinates (:mod:`ambasync.imaging.regrid`), its
 nulls are made by :mod:`ambasync.analysis.search.nulls`, every block of experiments is scored by
 :mod:`ambasync.analysis.search.stats`, and the work is one dask graph over the cube's chunks
 (:mod:`ambasync.analysis.search.tasks`: nulls made in batches, each block of experiments scored against
@@ -51,32 +51,38 @@ def _error(message: str) -> ConfigError:
 # Inputs on the cube's grid
 # --------------------------------------------------------------------------------------------
 
-def map_on_cube(path: str, ds: xr.Dataset) -> np.ndarray:
-    """The user's map on the cube's grid (trilinear by world coordinates; NaN outside it)."""
-    from ambasync.errors import AnalysisError
-    from ambasync.cube.read import cube_geometry
-    from ambasync.imaging.regrid import on_grid, read_image
-
-    data, geometry = read_image(path)
-    try:
-        return on_grid(data, geometry, cube_geometry(ds), "linear")
-    except AnalysisError as exc:  # on_grid names both grids, not the file
-        raise _error(f"{path}: {exc}") from None
-
-
-def roi_on_cube(path: str, ds: xr.Dataset) -> np.ndarray:
-    """A region image's nonzero voxels on the cube's grid (nearest voxel by world coordinates)."""
+def _on_cube(image: str | np.ndarray, ds: xr.Dataset, method: str) -> np.ndarray:
+    """An image file brought onto the cube's grid by world coordinates, or an array already on
+    it (shape zspace, yspace, xspace, as :func:`ambasync.open_cube` gives) taken as it is."""
     import numpy as np
 
     from ambasync.errors import AnalysisError
     from ambasync.cube.read import cube_geometry
     from ambasync.imaging.regrid import on_grid, read_image
 
-    data, geometry = read_image(path)
+    if isinstance(image, np.ndarray):
+        shape = tuple(int(ds.sizes[d]) for d in ds["expression"].dims[1:])
+        if image.shape != shape:
+            raise _error(f"an array map must be on the cube's grid: shape {shape} (zspace, yspace, xspace), "
+                         f"not {image.shape}; write it as an image with its world coordinates instead")
+        return np.asarray(image, dtype=np.float64)
+    data, geometry = read_image(image)
     try:
-        values = on_grid(data, geometry, cube_geometry(ds), "nearest")
+        return on_grid(data, geometry, cube_geometry(ds), method)
     except AnalysisError as exc:  # on_grid names both grids, not the file
-        raise _error(f"{path}: {exc}") from None
+        raise _error(f"{image}: {exc}") from None
+
+
+def map_on_cube(path: str | np.ndarray, ds: xr.Dataset) -> np.ndarray:
+    """The user's map on the cube's grid (trilinear by world coordinates; NaN outside it)."""
+    return _on_cube(path, ds, "linear")
+
+
+def roi_on_cube(path: str | np.ndarray, ds: xr.Dataset) -> np.ndarray:
+    """A region image's nonzero voxels on the cube's grid (nearest voxel by world coordinates)."""
+    import numpy as np
+
+    values = _on_cube(path, ds, "nearest")
     return np.isfinite(values) & (values != 0)
 
 
@@ -160,7 +166,7 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
         raise _error(f"--nulls {nulls}: give 0 (no spatial p-values) or more")
     ds = open_cube(out)
     values = map_on_cube(map_path, ds)
-    voxels_mask = search_mask(values, mask, ds, map_path)
+    voxels_mask = search_mask(values, mask, ds, map_path if isinstance(map_path, str) else "the map array")
     filled = np.where(voxels_mask, values, 0.0)
     map_values = filled[voxels_mask]
 

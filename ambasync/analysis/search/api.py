@@ -1,0 +1,185 @@
+"""``ambasync.search``: the search command as a Python function, for notebooks and scripts.
+
+The command line (:mod:`ambasync.cli.search`) calls :func:`run_search`, the same function
+:func:`search` is built on, so a table from Python and one from ``python -m ambasync
+search`` are the same table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ambasync.analysis.search.correlate import BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, METHODS
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from ambasync.analysis.search.correlate import SearchResult
+
+
+@dataclass(frozen=True)
+class Searched:
+    """What one search made: the experiment table (correlation or fold change), the gene table
+    (``by="gene"``), the correlation result behind them (for the picture), and the files written."""
+
+    experiments: pd.DataFrame
+    genes: pd.DataFrame | None
+    result: SearchResult | None  # None in differential mode
+    written: tuple[str, ...]
+
+
+def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.ndarray | None = None, *,
+               to: str | os.PathLike | None = None, mask: str = DEFAULT_MASK, method: str = "pearson",
+               nulls: int = DEFAULT_NULLS, seed: int = DEFAULT_SEED, by: str = "experiment",
+               target: str | os.PathLike | np.ndarray | None = None,
+               contrast: str | os.PathLike | np.ndarray | None = None,
+               plot: str | os.PathLike | None = None, scheduler: str | None = None, cube: str | None = None,
+               quiet: bool = True) -> Searched:
+    """Every table and file of one search; see :func:`search` for the parameters."""
+    from ambasync.analysis.search.correlate import correlate, fold_change
+    from ambasync.analysis.search.plot import plot_result
+    from ambasync.analysis.search.tables import genes_path, write_table
+    from ambasync.cube.read import mirror_folder
+    from ambasync.errors import AnalysisError
+
+    if method not in METHODS:
+        raise AnalysisError(f"method={method!r}: choose one of {', '.join(METHODS)}")
+    if by not in BY:
+        raise AnalysisError(f"by={by!r}: choose one of {', '.join(BY)}")
+    if plot is not None and not str(plot).lower().endswith(".png"):
+        raise AnalysisError(f"--plot {plot}: the picture is written as PNG; give a name ending in .png")
+    if to is not None and not Path(to).parent.is_dir():  # before the work, which can take long
+        raise AnalysisError(f"{to}: the folder {Path(to).parent} does not exist")
+    location = cube or mirror_folder(None if out is None else str(out))
+    progress = not quiet
+    if target is not None:
+        if map is not None:
+            raise AnalysisError("give either MAP (correlation) or --target (fold change), not both")
+        if plot is not None or by == "gene":
+            raise AnalysisError("--plot and --by gene go with a MAP (correlation mode), not with --target")
+        table = fold_change(location, target, contrast, mask, scheduler, progress)
+        written = (str(write_table(table, to)),) if to is not None else ()
+        return Searched(table, None, None, written)
+    if contrast is not None:
+        raise AnalysisError("--contrast needs --target")
+    if map is None:
+        raise AnalysisError("give a MAP to correlate with, or --target ROI for fold changes")
+    the_map = map if not isinstance(map, os.PathLike) else str(map)
+    result = correlate(location, the_map, mask, method, nulls, seed, by == "gene", scheduler, progress)
+    written: list[str] = []
+    if to is not None:
+        written.append(str(write_table(result.experiments, to)))
+        if result.genes is not None:
+            written.append(str(write_table(result.genes, genes_path(to))))
+    if plot is not None:
+        name = Path(the_map).name if isinstance(the_map, str) else "map"
+        written.append(str(plot_result(result, location, plot, name)))
+    return Searched(result.experiments, result.genes, result, tuple(written))
+
+
+def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.ndarray | None = None, *,
+           to: str | os.PathLike | None = None, mask: str = DEFAULT_MASK, method: str = "pearson",
+           nulls: int = DEFAULT_NULLS, seed: int = DEFAULT_SEED, by: str = "experiment",
+           target: str | os.PathLike | np.ndarray | None = None,
+           contrast: str | os.PathLike | np.ndarray | None = None,
+           plot: str | os.PathLike | None = None, scheduler: str | None = None, cube: str | None = None,
+           quiet: bool = True) -> pd.DataFrame:
+    """Which experiments (or genes) of the cube are expressed like a map, or enriched in a region.
+
+    Every keyword is the command line flag of the same name, with the same default.
+
+    Parameters
+    ----------
+    out : str or path-like, optional
+        The mirror folder holding ``cube.zarr``, or the ``.zarr`` itself. Default: the
+        folder ``run`` would use.
+    map : str, path-like or numpy.ndarray, optional
+        The map to correlate with: a MINC or NIfTI file in the mirror's world space (any grid;
+        resampled by world coordinates), or an array on the cube's grid (shape zspace, yspace,
+        xspace, as ``ambasync.open_cube(out).expression`` has; NaN = no value).
+    to : str or path-like, optional
+        Also write the table there as CSV (with ``by="gene"``, the gene table beside it as
+        ``{stem}_genes.csv``), atomically.
+    mask : str, default "brain"
+        Voxels to use: ``brain`` (data in any experiment), ``coronal`` or ``sagittal``
+        (coverage ≥ 0.8), or an image whose nonzero voxels are used.
+    method : {"pearson", "spearman"}, default "pearson"
+    nulls : int, default 1000
+        Spatial null maps for ``p_spatial`` (0: none; p and q are then NaN).
+    seed : int, default 0
+        Seed of the null maps: the same map and seed give the same p-values anywhere.
+    by : {"experiment", "gene"}, default "experiment"
+        ``"gene"`` returns the gene table (experiments of a gene combined) instead.
+    target, contrast : str, path-like or numpy.ndarray, optional
+        Differential mode: rank experiments by the fold change of their mean expression in
+        ``target`` (nonzero voxels) over ``contrast`` (default: the rest of the mask).
+    plot : str or path-like, optional
+        Also draw the map beside the top experiments, and the top 20, as a PNG.
+    scheduler : str, optional
+        Address of a ``dask.distributed`` scheduler (default: this machine, or
+        ``DASK_SCHEDULER_ADDRESS``).
+    cube : str, optional
+        Where the cube lives when not ``{out}/cube.zarr``: a folder or an fsspec URL.
+    quiet : bool, default True
+        No progress bars.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per experiment, best first: ``experiment_id, gene, plane, r, p_spatial, q,
+        n_voxels, p_naive, gene_name`` (correlation); one per gene with ``by="gene"``; or
+        ``log2_fold_change, fold_change, …`` in differential mode.
+
+    Raises
+    ------
+    ambasync.errors.AnalysisError
+        Bad input (a map off the cube's space, an unknown mask…): one line saying what to do.
+
+    Examples
+    --------
+    >>> import ambasync
+    >>> hits = ambasync.search("data", "my_tmap.mnc", nulls=1000)      # doctest: +SKIP
+    >>> hits[hits.q < 0.05].head()                                     # doctest: +SKIP
+    """
+    done = run_search(out, map, to=to, mask=mask, method=method, nulls=nulls, seed=seed, by=by, target=target,
+                      contrast=contrast, plot=plot, scheduler=scheduler, cube=cube, quiet=quiet)
+    return done.genes if by == "gene" and done.genes is not None else done.experiments
+
+
+def fold_change(out: str | os.PathLike | None = None, target: Any = None, contrast: Any = None, *,
+                mask: str = DEFAULT_MASK, to: str | os.PathLike | None = None, scheduler: str | None = None,
+                cube: str | None = None, quiet: bool = True) -> pd.DataFrame:
+    """Differential mode of :func:`search` (``search --target``): experiments ranked by the log2
+    fold change of their mean expression in ``target`` over ``contrast``.
+
+    Parameters
+    ----------
+    out : str or path-like, optional
+        The mirror folder holding ``cube.zarr``, or the ``.zarr`` itself.
+    target : str, path-like or numpy.ndarray
+        The region of interest: an image whose nonzero voxels are used, or a boolean array on
+        the cube's grid.
+    contrast : str, path-like or numpy.ndarray, optional
+        The region to compare with (default: the rest of ``mask``).
+    mask, to, scheduler, cube, quiet
+        As for :func:`search`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``experiment_id, gene, plane, log2_fold_change, fold_change, target_mean,
+        contrast_mean, n_target, n_contrast, gene_name``, largest fold change first.
+    """
+    from ambasync.errors import AnalysisError
+
+    if target is None:
+        raise AnalysisError("fold_change needs target= (an image or an array on the cube's grid)")
+    return run_search(out, None, to=to, mask=mask, target=target, contrast=contrast, scheduler=scheduler,
+                      cube=cube, quiet=quiet).experiments
+
+
+__all__ = ["Searched", "fold_change", "run_search", "search"]
