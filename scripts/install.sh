@@ -24,6 +24,9 @@ for arg in "$@"; do
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
+# The dev path also gets Debian's Chromium and its driver: tests/test_view_browser.py drives that
+# system browser with selenium (nothing downloads a browser at install time).
+if ((dev && !system_only)); then packages+=(chromium chromium-driver); fi
 
 say() { echo "install.sh: $*" >&2; }
 
@@ -46,9 +49,22 @@ fi
 ((system_only)) && exit 0
 
 if ((dev)); then
+  # The editable install is redone only when what it depends on changed (make test-fast stays fast).
+  stamp=".install-stamp"
+  want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16) $extras $("$PYTHON" -c 'import sys; print(sys.prefix)')"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PYTHON" -c "import ambasync" 2>/dev/null; then
+    say "ambasync already installed (editable, extras: $extras)"
+    exit 0
+  fi
   say "installing ambasync (editable, extras: $extras) into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+  echo "$want" > "$stamp"
 else
+  # Exactly what tests/test_wheel.py checks: build the wheel, install it (not editable).
+  wheels="$(mktemp -d)"
+  say "building the ambasync wheel"
+  "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$wheels" .
   say "installing ambasync into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-cache-dir .
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-cache-dir "$wheels"/ambasync-*.whl
+  rm -rf "$wheels" build ./*.egg-info
 fi

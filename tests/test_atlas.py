@@ -107,6 +107,7 @@ def test_a_volume_written_back_reads_the_same_with_pyminc_and_nibabel(cube, tmp_
         write_image(data, geo, tmp_path / "v.png")
 
 
+@pytest.mark.e2e
 def test_a_cluster_computes_what_the_local_scheduler_computes(cube):
     ds = open_cube(cube[0])
     with compute_on(None) as client:

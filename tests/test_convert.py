@@ -103,6 +103,7 @@ def test_real_grids_hold_data_over_the_coverage_mask(eid, fraction, tmp_path):
     assert held >= 0.95 and held == pytest.approx(fraction, abs=0.002)
 
 
+@pytest.mark.e2e
 async def test_the_conversion_pool_is_replaced_by_fresh_processes_and_never_left_without_workers(tmp_path):
     """Fresh processes bound libminc's per-file memory over a 26,000-volume night; if the pool
     were left with no worker (Python 3.11's max_tasks_per_child can do that) the run would hang."""

@@ -28,6 +28,8 @@ from ambasync.target import Target
 
 from helpers import REAL_ZIPS, notebook_ras, raw_from_zip, require_reference
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 # Small voxel-major blocks and chunks: several blocks with few experiments, and a fast suite.
 SETTINGS = CubeSettings(block=8, by_voxel_chunk=(16, 32, 32))
 REAL_FIELDS = {74272479: {"gene": "Nrp1", "plane": "coronal", "gene_name": "neuropilin 1", "entrez_id": 18186},

@@ -12,6 +12,10 @@ import xarray as xr
 from ambasync.replica import ReplicaConfig, serve
 from helpers import ambasync_cmd, manifest, mirror, notebook_ras
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 N_CORONAL, N_SAGITTAL = 4, 2
 
 

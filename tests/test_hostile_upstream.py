@@ -10,6 +10,10 @@ from ambasync.mirror.fetch import MAX_REDIRECTS
 from ambasync.replica import ReplicaConfig, serve
 from helpers import manifest, mirror, notebook_ras, quantisation_step, read_minc, sha256
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 FIRST = 100000  # the replica's coronal ids: 100000 + 13 * i
 
 

@@ -7,6 +7,10 @@ from ambasync.mirror.options import RunOptions
 from ambasync.replica import ReplicaConfig, serve
 from helpers import manifest, mirror
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 
 def grid_requests(rep) -> int:
     return sum(rep.stats.grid_requests.values())

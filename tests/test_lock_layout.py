@@ -15,6 +15,8 @@ from ambasync.errors import LockedError
 from ambasync.mirror.lock import GUARD, OutputLock, layout_for
 from helpers import REPO, ambasync_cmd
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 
 def lock(out, shard=None, **kw) -> OutputLock:
     suffix = f"-shard{shard[0]}of{shard[1]}" if shard else ""

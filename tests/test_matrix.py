@@ -23,6 +23,8 @@ from ambasync.cli import main
 from helpers import FIXTURES, MHTS, ambasync_cmd, notebook_ras, read_minc
 from cubes import replica_experiments, write_test_cube
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 CORONAL_MASK = FIXTURES / "coronal_200um_coverage_bin0.8.mnc"
 LABELS = MHTS / "DSURQE_CCFv3_labels_200um.mnc"
 LABEL_TABLE = MHTS / "DSURQE_40micron_R_mapping_long.csv"

@@ -109,6 +109,7 @@ def test_a_failed_write_leaves_the_previous_textfile_whole(tmp_path):
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ambasync.prom"]
 
 
+@pytest.mark.e2e
 async def test_a_real_runs_textfile_counts_the_files_it_wrote(tmp_path):
     """A nightly job's alert reads this file: without it, a failing mirror goes unnoticed."""
     config = ReplicaConfig(n_coronal=5, n_sagittal=0, real_dir="/nonexistent", bad={100013: "404"})

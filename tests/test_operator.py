@@ -12,6 +12,8 @@ from ambasync.config import Config, load_config
 from ambasync.replica import Replica, ReplicaConfig, serve
 from helpers import ReplicaProcess, ambasync_cmd, manifest, mirror, notebook_ras, read_minc, sha256, state_rows
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 FAST = ["--concurrency", "4", "--workers", "2"]
 
 

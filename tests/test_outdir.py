@@ -14,6 +14,8 @@ from ambasync.errors import ConfigError
 from ambasync.mirror.outdir import check_output_folder
 from helpers import ambasync_cmd
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
     text = str(exc.value)

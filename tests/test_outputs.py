@@ -21,6 +21,8 @@ from ambasync.settings import ConvertSettings
 from ambasync.target import Target
 from helpers import REAL_ZIPS, notebook_ras, raw_from_zip, read_minc, require_reference
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 
 @dataclass(frozen=True)
 class NpyWriter:

@@ -10,6 +10,8 @@ from helpers import (
     NOTEBOOK_SIZES, NOTEBOOK_STARTS, manifest, mincinfo, mirror, notebook_ras, quantisation_step, read_minc, sha256,
 )
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 
 async def test_sixty_experiments_with_page_size_7_give_sixty_correct_files_and_a_true_manifest(tmp_path):
     async with serve(ReplicaConfig(n_coronal=58, n_sagittal=5, duplicate_ids=())) as (rep, url):

@@ -19,6 +19,8 @@ from ambasync.replica import ReplicaConfig, serve
 from ambasync.mirror.state import Output, State
 from helpers import ambasync_cmd, mirror, mirror_config
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 SETTINGS = "RAS/MICe/x1/ushort"  # the shipped defaults' settings key
 
 

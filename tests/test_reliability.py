@@ -18,6 +18,8 @@ from helpers import (
     ReplicaProcess, ambasync_cmd, manifest, mirror, notebook_ras, quantisation_step, read_minc, sha256, state_rows,
 )
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 FAST = ["--concurrency", "4", "--workers", "2", "-q"]
 
 

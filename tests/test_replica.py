@@ -14,6 +14,8 @@ from ambasync.mirror.catalog import COLUMNS, grid_url, query_url
 from ambasync.replica import REAL_IDS, ReplicaConfig, serve
 from helpers import REAL_ZIPS, require_reference
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 
 async def get(url: str, **kw):
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20, **kw)) as s:

@@ -20,6 +20,8 @@ from ambasync.cli import main
 from helpers import FIXTURES, notebook_ras, read_minc
 from cubes import SIZES, STARTS, STEP, TestExperiment, local_cluster, replica_experiments, write_test_cube
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 SIGMA_VOXELS = 2.5  # smoothness of the test experiments and maps (0.5 mm), like ISH energy at 200 µm
 SMOOTH_EXPERIMENTS = 10
 CALIBRATION_MAPS = 50

@@ -16,6 +16,8 @@ import pytest
 
 from helpers import ReplicaProcess, ambasync_cmd, state_rows
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 HANG_GUARD = 30.0  # seconds: only so a broken build fails instead of hanging (not a speed check)
 
 
