@@ -11,7 +11,7 @@ import numpy as np
 from ambasync.errors import AnalysisError
 from ambasync.geometry import DIMNAMES
 from ambasync.cube.read import cube_geometry
-from ambasync.imaging.regrid import describe, on_grid, read_image, same_grid
+from ambasync.imaging.regrid import align_image, describe, read_image, same_grid
 
 
 if TYPE_CHECKING:
@@ -20,10 +20,15 @@ COVERAGE_THRESHOLD = 0.8  # the "bin 0.8" coverage masks labs use
 NAMED_MASKS = ("coronal", "sagittal", "brain")
 
 
-def resolve_mask(spec: str, ds: xr.Dataset, resample: bool = False) -> np.ndarray:
+def resolve_mask(spec: str, ds: xr.Dataset, resample: bool = False, *, align: str | None = None) -> np.ndarray:
     """Voxels to use, as a bool array over (zspace, yspace, xspace): a named mask of the cube
     (``coronal``/``sagittal``: coverage ≥ 0.8; ``brain``: data in any experiment) or an image
-    file's nonzero voxels on the cube's grid."""
+    file's nonzero voxels on the cube's grid.
+
+    ``align`` (an image's): ``"voxel"`` takes it index for index (it must have the cube's shape);
+    ``"world"`` or ``None`` resample it by world coordinates when ``resample`` (nearest voxel), and
+    ``None`` stops on a grid with the cube's shape and step but an origin more than half a voxel
+    away (:func:`ambasync.imaging.regrid.align_image`)."""
     if spec in ("coronal", "sagittal"):
         coverage = ds.get(f"coverage_{spec}")
         if coverage is None:
@@ -37,11 +42,11 @@ def resolve_mask(spec: str, ds: xr.Dataset, resample: bool = False) -> np.ndarra
     elif Path(spec).is_file():
         data, geometry = read_image(spec)
         grid = cube_geometry(ds)
-        if not same_grid(geometry, grid):
-            if not resample:
+        if align == "voxel" or not same_grid(geometry, grid):
+            if align != "voxel" and not resample:
                 raise AnalysisError(f"mask {spec} is on another grid ({describe(geometry)}) than the cube "
                                     f"({describe(grid)}); resample it onto the cube's grid first")
-            data = on_grid(data, geometry, grid, "nearest")
+            data = align_image(data, geometry, grid, "nearest", align, name=f"--mask {spec}")
         mask = np.isfinite(data) & (data != 0)
     else:
         raise AnalysisError(f"mask {spec!r}: not one of {', '.join(NAMED_MASKS)} and no such image file")

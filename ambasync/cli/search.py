@@ -12,7 +12,8 @@ import logging
 import sys
 from typing import Any
 
-from ambasync.analysis.search.correlate import BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, METHODS
+from ambasync.analysis.search.correlate import (ALIGN, BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, DEFAULT_TAIL,
+                                                METHODS, TAILS)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,12 +31,26 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="pearson", help="correlation (default pearson)")
     p.add_argument("--nulls", type=int, default=DEFAULT_NULLS, metavar="N",
                    help=f"spatial null maps for p_spatial (default {DEFAULT_NULLS}; 0 = none)")
+    p.add_argument("--tail", choices=TAILS, default=DEFAULT_TAIL,
+                   help="p_spatial below 1/(nulls+1): gpd (default) fits a generalised Pareto tail to each "
+                        "experiment's nulls where it fits; empirical counts nulls only")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the null maps (default {DEFAULT_SEED})")
     p.add_argument("--by", choices=BY, default="experiment",
                    help="gene: also write a gene-level table (experiments of a gene combined) beside RESULTS")
     p.add_argument("--target", metavar="ROI", help="differential mode: the region of interest (image, nonzero voxels)")
-    p.add_argument("--contrast", metavar="ROI", help="differential mode: the region to compare with "
-                                                     "(default: the rest of the mask)")
+    p.add_argument("--target-above", type=float, metavar="T",
+                   help="differential mode: the target is the voxels where the --target image is > T "
+                        "(e.g. a t-map and 2) instead of its nonzero voxels")
+    p.add_argument("--contrast", metavar="ROI", help="differential mode: the region to compare with, used as given "
+                                                     "(voxels shared with the target included; "
+                                                     "default: the rest of the mask)")
+    p.add_argument("--contrast-at-most", type=float, metavar="T",
+                   help="differential mode: the contrast is the voxels where the --contrast image (without one, "
+                        "the --target image) is <= T instead of its nonzero voxels")
+    p.add_argument("--align", choices=ALIGN, default=None,
+                   help="how MAP, --mask, --target and --contrast meet the cube's grid: world (default: resample "
+                        "by world coordinates) or voxel (index for index; needs the cube's shape). An image with "
+                        "the cube's shape and step but an origin more than half a voxel off stops until you choose")
     p.add_argument("--plot", metavar="PNG", help="also draw the map beside the top experiments, and the top 20")
     p.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler to compute on")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -54,16 +69,24 @@ def cmd_search(args: argparse.Namespace) -> int:
         logging.getLogger("ambasync").setLevel(min(logging.getLogger("ambasync").getEffectiveLevel(), logging.INFO))
     done = run_search(args.out, args.map, to=args.to, mask=args.mask, method=args.method, nulls=args.nulls,
                       seed=args.seed, by=args.by, target=args.target, contrast=args.contrast, plot=args.plot,
-                      scheduler=args.scheduler, cube=getattr(args, "cube", None), quiet=not progress)
+                      scheduler=args.scheduler, cube=getattr(args, "cube", None), quiet=not progress,
+                      tail=args.tail, align=args.align, target_above=args.target_above,
+                      contrast_at_most=args.contrast_at_most)
     if not progress:
         return 0
+    for line in done.report:
+        print(line, file=sys.stderr)
     if done.result is None:
-        print(f"wrote {args.to}: {len(done.experiments)} experiments by log2 fold change of {args.target} over "
-              f"{args.contrast or 'the rest of the mask'}", file=sys.stderr)
+        first = done.experiments.iloc[0] if len(done.experiments) else None
+        target = first["target"] if first is not None else args.target
+        contrast = first["contrast"] if first is not None else (args.contrast or "the rest of the mask")
+        print(f"wrote {args.to}: {len(done.experiments)} experiments by log2 fold change of {target} over "
+              f"{contrast}", file=sys.stderr)
         return 0
     hits = int((done.experiments["q"] < 0.05).sum())
+    fitted = int((done.experiments["p_method"] == "gpd").sum())
     print(f"wrote {args.to}: {len(done.experiments)} experiments, {hits} with q < 0.05 "
-          f"({done.result.method}, {done.result.n_nulls} spatial nulls)"
+          f"({done.result.method}, {done.result.n_nulls} spatial nulls, {fitted} p-values from a fitted tail)"
           + (f"; genes in {genes_path(args.to)}" if done.genes is not None else "")
           + (f"; picture {args.plot}" if args.plot else ""), file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ from ambasync.geometry import DIMNAMES
 if TYPE_CHECKING:
     pass
 RESAMPLING = ("linear", "nearest")
+ALIGN = ("world", "voxel")  # how an image meets the cube's grid: by world coordinates, or index for index
 _ATOL_MM = 1e-4  # two grids whose voxel centres agree to 0.1 µm are the same grid
 
 
@@ -131,6 +132,55 @@ def on_grid(data: np.ndarray, src: Geometry, dst: Geometry, method: str = "linea
                              mode="nearest")
     values[~inside] = np.nan
     return values.reshape(dst.sizes)
+
+
+def origin(g: Geometry) -> np.ndarray:
+    """World (x, y, z) in mm of the centre of voxel (0, 0, 0)."""
+    return affine(g)[:3, 3]
+
+
+def ambiguous_origin(src: Geometry, dst: Geometry) -> bool:
+    """Whether ``src`` has ``dst``'s shape, steps and directions but an origin more than half a
+    voxel away along some axis: the same grid written with another world origin (common for MINC
+    files on the Allen 200 µm grid), or a map really shifted. Only the user knows which."""
+    if tuple(src.sizes) != tuple(dst.sizes):
+        return False
+    a, b = affine(src), affine(dst)
+    if not np.allclose(a[:3, :3], b[:3, :3], atol=_ATOL_MM):
+        return False
+    shift = np.linalg.solve(b[:3, :3], a[:3, 3] - b[:3, 3])  # in voxels of dst, along its axes
+    return bool(np.any(np.abs(shift) > 0.5))
+
+
+def _triple(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{v:.2f}" for v in values) + ")"
+
+
+def align_image(data: np.ndarray, src: Geometry, dst: Geometry, method: str = "linear", align: str | None = None,
+                name: str = "the image") -> np.ndarray:
+    """``data`` (on ``src``) brought onto ``dst`` as ``align`` says.
+
+    ``"voxel"``: taken index for index (it must have ``dst``'s shape, axes in ``dst``'s order);
+    ``"world"``: resampled by world coordinates (:func:`on_grid`); ``None``: by world
+    coordinates too, except that a grid with ``dst``'s shape and step but an origin more than
+    half a voxel away (:func:`ambiguous_origin`) is an error naming both origins and both
+    choices, since resampling would silently shift it by whole voxels."""
+    if align not in (None, *ALIGN):
+        raise AnalysisError(f"--align {align}: choose one of {', '.join(ALIGN)}")
+    if align == "voxel":
+        if tuple(np.shape(data)) != tuple(dst.sizes):
+            dims = ", ".join(f"{n} {s}" for n, s in zip(dst.dimnames, dst.sizes))
+            raise AnalysisError(f"{name}: --align voxel takes the image index for index and needs the cube's "
+                                f"shape ({dims}), not {tuple(np.shape(data))}; use --align world to resample it")
+        return np.asarray(data, dtype=np.float64)
+    if align is None and ambiguous_origin(src, dst):
+        shift = np.linalg.solve(affine(dst)[:3, :3], origin(src) - origin(dst))
+        raise AnalysisError(
+            f"{name} has the cube's shape and step but another origin: its first voxel is at (x, y, z) "
+            f"{_triple(origin(src))} mm, the cube's at {_triple(origin(dst))} mm ({_triple(shift)} voxels apart); "
+            "give --align voxel to take it index for index (the same grid, another origin written), or "
+            "--align world to resample it by world coordinates (it really lies there)")
+    return on_grid(data, src, dst, method)
 
 
 def write_image(data: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ambasync.analysis.search.correlate import BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, METHODS
+from ambasync.analysis.search.correlate import (ALIGN, BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, DEFAULT_TAIL,
+                                                METHODS, TAILS)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,6 +31,7 @@ class Searched:
     genes: pd.DataFrame | None
     result: SearchResult | None  # None in differential mode
     written: tuple[str, ...]
+    report: tuple[str, ...] = ()  # each image's overlap with the mask (voxels, %), as the command prints it
 
 
 def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.ndarray | None = None, *,
@@ -38,7 +40,8 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
                target: str | os.PathLike | np.ndarray | None = None,
                contrast: str | os.PathLike | np.ndarray | None = None,
                plot: str | os.PathLike | None = None, scheduler: str | None = None, cube: str | None = None,
-               quiet: bool = True) -> Searched:
+               quiet: bool = True, tail: str = DEFAULT_TAIL, align: str | None = None,
+               target_above: float | None = None, contrast_at_most: float | None = None) -> Searched:
     """Every table and file of one search; see :func:`search` for the parameters."""
     from ambasync.analysis.search.correlate import correlate, fold_change
     from ambasync.analysis.search.plot import plot_result
@@ -50,6 +53,10 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
         raise AnalysisError(f"method={method!r}: choose one of {', '.join(METHODS)}")
     if by not in BY:
         raise AnalysisError(f"by={by!r}: choose one of {', '.join(BY)}")
+    if tail not in TAILS:
+        raise AnalysisError(f"tail={tail!r}: choose one of {', '.join(TAILS)}")
+    if align is not None and align not in ALIGN:
+        raise AnalysisError(f"align={align!r}: choose one of {', '.join(ALIGN)}")
     if plot is not None and not str(plot).lower().endswith(".png"):
         raise AnalysisError(f"--plot {plot}: the picture is written as PNG; give a name ending in .png")
     if to is not None and not Path(to).parent.is_dir():  # before the work, which can take long
@@ -61,15 +68,18 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
             raise AnalysisError("give either MAP (correlation) or --target (fold change), not both")
         if plot is not None or by == "gene":
             raise AnalysisError("--plot and --by gene go with a MAP (correlation mode), not with --target")
-        table = fold_change(location, target, contrast, mask, scheduler, progress)
+        report: list[str] = []
+        table = fold_change(location, target, contrast, mask, scheduler, progress, target_above=target_above,
+                            contrast_at_most=contrast_at_most, align=align, report=report)
         written = (str(write_table(table, to)),) if to is not None else ()
-        return Searched(table, None, None, written)
-    if contrast is not None:
-        raise AnalysisError("--contrast needs --target")
+        return Searched(table, None, None, written, tuple(report))
+    if contrast is not None or target_above is not None or contrast_at_most is not None:
+        raise AnalysisError("--contrast, --target-above and --contrast-at-most need --target")
     if map is None:
         raise AnalysisError("give a MAP to correlate with, or --target ROI for fold changes")
     the_map = map if not isinstance(map, os.PathLike) else str(map)
-    result = correlate(location, the_map, mask, method, nulls, seed, by == "gene", scheduler, progress)
+    result = correlate(location, the_map, mask, method, nulls, seed, by == "gene", scheduler, progress, tail=tail,
+                       align=align)
     written: list[str] = []
     if to is not None:
         written.append(str(write_table(result.experiments, to)))
@@ -78,7 +88,7 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
     if plot is not None:
         name = Path(the_map).name if isinstance(the_map, str) else "map"
         written.append(str(plot_result(result, location, plot, name)))
-    return Searched(result.experiments, result.genes, result, tuple(written))
+    return Searched(result.experiments, result.genes, result, tuple(written), result.report)
 
 
 def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.ndarray | None = None, *,
@@ -87,7 +97,8 @@ def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.nda
            target: str | os.PathLike | np.ndarray | None = None,
            contrast: str | os.PathLike | np.ndarray | None = None,
            plot: str | os.PathLike | None = None, scheduler: str | None = None, cube: str | None = None,
-           quiet: bool = True) -> pd.DataFrame:
+           quiet: bool = True, tail: str = DEFAULT_TAIL, align: str | None = None,
+           target_above: float | None = None, contrast_at_most: float | None = None) -> pd.DataFrame:
     """Which experiments (or genes) of the cube are expressed like a map, or enriched in a region.
 
     Every keyword is the command line flag of the same name, with the same default.
@@ -110,13 +121,31 @@ def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.nda
     method : {"pearson", "spearman"}, default "pearson"
     nulls : int, default 1000
         Spatial null maps for ``p_spatial`` (0: none; p and q are then NaN).
+    tail : {"gpd", "empirical"}, default "gpd"
+        ``"gpd"``: where an experiment's empirical p is small, a generalised Pareto tail fitted
+        to its nulls gives p below 1/(nulls + 1) when the fit holds (Winkler et al. 2016);
+        ``p_method`` says, per row, ``gpd`` or ``empirical``. ``"empirical"``: the count alone,
+        never below 1/(nulls + 1).
     seed : int, default 0
         Seed of the null maps: the same map and seed give the same p-values anywhere.
     by : {"experiment", "gene"}, default "experiment"
         ``"gene"`` returns the gene table (experiments of a gene combined) instead.
     target, contrast : str, path-like or numpy.ndarray, optional
         Differential mode: rank experiments by the fold change of their mean expression in
-        ``target`` (nonzero voxels) over ``contrast`` (default: the rest of the mask).
+        ``target`` (nonzero voxels) over ``contrast`` (its nonzero voxels, used as given, voxels
+        shared with the target included; default: the rest of the mask, mask minus target).
+    target_above : float, optional
+        The target is the voxels where the ``target`` image is > this (a statistic map's
+        threshold, e.g. 2) instead of its nonzero voxels.
+    contrast_at_most : float, optional
+        The contrast is the voxels where the ``contrast`` image (without one, the ``target``
+        image) is <= this (e.g. 0.5) instead of its nonzero voxels.
+    align : {"world", "voxel"}, optional
+        How ``map``, ``mask``, ``target`` and ``contrast`` images meet the cube's grid: by world
+        coordinates (``"world"``), or index for index (``"voxel"``: the image must have the
+        cube's shape). Default (None): by world coordinates, but an image with the cube's shape
+        and step whose origin is more than half a voxel off stops with an error naming both
+        origins: choose one.
     plot : str or path-like, optional
         Also draw the map beside the top experiments, and the top 20, as a PNG.
     scheduler : str, optional
@@ -131,8 +160,10 @@ def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.nda
     -------
     pandas.DataFrame
         One row per experiment, best first: ``experiment_id, gene, plane, r, p_spatial, q,
-        n_voxels, p_naive, gene_name`` (correlation); one per gene with ``by="gene"``; or
-        ``log2_fold_change, fold_change, …`` in differential mode.
+        n_voxels, p_naive, gene_name, p_method`` (correlation); one per gene with ``by="gene"``
+        (``gene, r, p_spatial, q, n_experiments, experiment_ids, p_method, reproducibility,
+        replicated``); or ``log2_fold_change, fold_change, …, target, contrast`` in differential
+        mode.
 
     Raises
     ------
@@ -146,13 +177,15 @@ def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.nda
     >>> hits[hits.q < 0.05].head()                                     # doctest: +SKIP
     """
     done = run_search(out, map, to=to, mask=mask, method=method, nulls=nulls, seed=seed, by=by, target=target,
-                      contrast=contrast, plot=plot, scheduler=scheduler, cube=cube, quiet=quiet)
+                      contrast=contrast, plot=plot, scheduler=scheduler, cube=cube, quiet=quiet, tail=tail,
+                      align=align, target_above=target_above, contrast_at_most=contrast_at_most)
     return done.genes if by == "gene" and done.genes is not None else done.experiments
 
 
 def fold_change(out: str | os.PathLike | None = None, target: Any = None, contrast: Any = None, *,
                 mask: str = DEFAULT_MASK, to: str | os.PathLike | None = None, scheduler: str | None = None,
-                cube: str | None = None, quiet: bool = True) -> pd.DataFrame:
+                cube: str | None = None, quiet: bool = True, target_above: float | None = None,
+                contrast_at_most: float | None = None, align: str | None = None) -> pd.DataFrame:
     """Differential mode of :func:`search` (``search --target``): experiments ranked by the log2
     fold change of their mean expression in ``target`` over ``contrast``.
 
@@ -161,25 +194,32 @@ def fold_change(out: str | os.PathLike | None = None, target: Any = None, contra
     out : str or path-like, optional
         The mirror folder holding ``cube.zarr``, or the ``.zarr`` itself.
     target : str, path-like or numpy.ndarray
-        The region of interest: an image whose nonzero voxels are used, or a boolean array on
-        the cube's grid.
+        The region of interest: an image whose nonzero voxels are used (or those > ``target_above``),
+        or an array on the cube's grid.
     contrast : str, path-like or numpy.ndarray, optional
-        The region to compare with (default: the rest of ``mask``).
-    mask, to, scheduler, cube, quiet
+        The region to compare with, used as given (voxels shared with the target included): its
+        nonzero voxels, or those <= ``contrast_at_most``. Default: the rest of ``mask`` (mask
+        minus target), or with ``contrast_at_most`` alone the target image's voxels <= it.
+    target_above, contrast_at_most : float, optional
+        Thresholds of a statistic map, as MICe labs use (e.g. target t > 2, contrast t <= 0.5).
+    mask, to, scheduler, cube, quiet, align
         As for :func:`search`.
 
     Returns
     -------
     pandas.DataFrame
         ``experiment_id, gene, plane, log2_fold_change, fold_change, target_mean,
-        contrast_mean, n_target, n_contrast, gene_name``, largest fold change first.
+        contrast_mean, n_target, n_contrast, gene_name, target, contrast``, largest fold change
+        first; ``target`` and ``contrast`` name the regions used (e.g. ``t.mnc > 2``, ``rest of
+        the mask brain (mask minus target)``); NaN means where a region has no voxels with data.
     """
     from ambasync.errors import AnalysisError
 
     if target is None:
         raise AnalysisError("fold_change needs target= (an image or an array on the cube's grid)")
     return run_search(out, None, to=to, mask=mask, target=target, contrast=contrast, scheduler=scheduler,
-                      cube=cube, quiet=quiet).experiments
+                      cube=cube, quiet=quiet, target_above=target_above, contrast_at_most=contrast_at_most,
+                      align=align).experiments
 
 
 __all__ = ["Searched", "fold_change", "run_search", "search"]

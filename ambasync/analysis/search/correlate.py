@@ -35,10 +35,16 @@ DEFAULT_MASK = "brain"  # voxels with data in any experiment of the cube
 DEFAULT_NULLS = 1000  # p-values down to 1/1001
 DEFAULT_SEED = 0  # the nulls' seed: the same map and seed give the same p-values anywhere
 NULLS_PER_TASK = 125  # nulls made per dask task: 8 tasks for the default, so every core gets some
-EXPERIMENT_COLUMNS = ("experiment_id", "gene", "plane", "r", "p_spatial", "q", "n_voxels", "p_naive", "gene_name")
-GENE_COLUMNS = ("gene", "r", "p_spatial", "q", "n_experiments", "experiment_ids")
+TAILS = ("gpd", "empirical")  # p_spatial: a fitted tail below 1/(nulls + 1) where it fits, or the count alone
+DEFAULT_TAIL = "gpd"
+ALIGN = ("world", "voxel")  # the same as regrid.ALIGN (kept here: no numpy at import)
+# New columns go at the end: tables written before them keep their meaning column by column.
+EXPERIMENT_COLUMNS = ("experiment_id", "gene", "plane", "r", "p_spatial", "q", "n_voxels", "p_naive", "gene_name",
+                      "p_method")
+GENE_COLUMNS = ("gene", "r", "p_spatial", "q", "n_experiments", "experiment_ids", "p_method", "reproducibility",
+                "replicated")
 FOLD_COLUMNS = ("experiment_id", "gene", "plane", "log2_fold_change", "fold_change", "target_mean", "contrast_mean",
-                "n_target", "n_contrast", "gene_name")
+                "n_target", "n_contrast", "gene_name", "target", "contrast")
 
 
 def _error(message: str) -> ConfigError:
@@ -51,14 +57,17 @@ def _error(message: str) -> ConfigError:
 # Inputs on the cube's grid
 # --------------------------------------------------------------------------------------------
 
-def _on_cube(image: str | np.ndarray, ds: xr.Dataset, method: str) -> np.ndarray:
-    """An image file brought onto the cube's grid by world coordinates, or an array already on
-    it (shape zspace, yspace, xspace, as :func:`ambasync.open_cube` gives) taken as it is."""
+def _on_cube(image: str | np.ndarray, ds: xr.Dataset, method: str, align: str | None = None,
+             flag: str = "MAP") -> np.ndarray:
+    """An image file brought onto the cube's grid as ``align`` says
+    (:func:`ambasync.imaging.regrid.align_image`: by world coordinates, or index for index), or
+    an array already on it (shape zspace, yspace, xspace, as :func:`ambasync.open_cube` gives)
+    taken as it is."""
     import numpy as np
 
     from ambasync.errors import AnalysisError
     from ambasync.cube.read import cube_geometry
-    from ambasync.imaging.regrid import on_grid, read_image
+    from ambasync.imaging.regrid import align_image, read_image
 
     if isinstance(image, np.ndarray):
         shape = tuple(int(ds.sizes[d]) for d in ds["expression"].dims[1:])
@@ -68,32 +77,68 @@ def _on_cube(image: str | np.ndarray, ds: xr.Dataset, method: str) -> np.ndarray
         return np.asarray(image, dtype=np.float64)
     data, geometry = read_image(image)
     try:
-        return on_grid(data, geometry, cube_geometry(ds), method)
+        return align_image(data, geometry, cube_geometry(ds), method, align, name=f"{flag} {image}")
     except AnalysisError as exc:  # on_grid names both grids, not the file
-        raise _error(f"{image}: {exc}") from None
+        text = str(exc)
+        raise _error(text if str(image) in text else f"{image}: {text}") from None
 
 
-def map_on_cube(path: str | np.ndarray, ds: xr.Dataset) -> np.ndarray:
-    """The user's map on the cube's grid (trilinear by world coordinates; NaN outside it)."""
-    return _on_cube(path, ds, "linear")
+def map_on_cube(path: str | np.ndarray, ds: xr.Dataset, align: str | None = None) -> np.ndarray:
+    """The user's map on the cube's grid (trilinear by world coordinates, or index for index with
+    ``align="voxel"``; NaN outside it)."""
+    return _on_cube(path, ds, "linear", align)
 
 
-def roi_on_cube(path: str | np.ndarray, ds: xr.Dataset) -> np.ndarray:
-    """A region image's nonzero voxels on the cube's grid (nearest voxel by world coordinates)."""
+def roi_on_cube(path: str | np.ndarray, ds: xr.Dataset, align: str | None = None, *, above: float | None = None,
+                at_most: float | None = None, flag: str = "--target") -> np.ndarray:
+    """A region on the cube's grid (nearest voxel by world coordinates, or index for index with
+    ``align="voxel"``): the image's nonzero voxels; with ``above``, those where it is > above;
+    with ``at_most``, those where it is <= at_most (thresholds of a statistic map)."""
     import numpy as np
 
-    values = _on_cube(path, ds, "nearest")
-    return np.isfinite(values) & (values != 0)
+    values = _on_cube(path, ds, "nearest", align, flag)
+    finite = np.isfinite(values)
+    if above is not None:
+        return finite & (np.where(finite, values, -np.inf) > above)
+    if at_most is not None:
+        return finite & (np.where(finite, values, np.inf) <= at_most)
+    return finite & (values != 0)
 
 
-def search_mask(values: np.ndarray, spec: str, ds: xr.Dataset, map_name: str) -> np.ndarray:
+def region_name(image: str | np.ndarray | None, above: float | None = None, at_most: float | None = None) -> str:
+    """How the tables and messages name a region: ``t.mnc > 2``, ``brain.mnc <= 0.5``, ``roi.mnc``
+    (its nonzero voxels), or ``array`` for an array given in Python."""
+    import os
+
+    name = "array" if image is None or not isinstance(image, (str, os.PathLike)) else os.path.basename(str(image))
+    if above is not None:
+        return f"{name} > {above:g}"
+    if at_most is not None:
+        return f"{name} <= {at_most:g}"
+    return f"{name} != 0"
+
+
+def overlap_line(flag: str, image: str | np.ndarray, inside: int, total: int, of: str) -> str:
+    """One line saying how much of an image lies where it is used: ``MAP m.mnc: 61,204 of 63,545
+    mask voxels (96.3 %)``. A partial overlap is then seen, not guessed from a weak result."""
+    name = image if isinstance(image, str) else "array"
+    share = 100.0 * inside / total if total else 0.0
+    return f"{flag} {name}: {inside:,} of {total:,} {of} ({share:.1f} %)"
+
+
+def search_mask(values: np.ndarray, spec: str, ds: xr.Dataset, map_name: str, align: str | None = None,
+                report: list[str] | None = None) -> np.ndarray:
     """The voxels scored: ``spec``'s mask where the map has a value. A map with no such
-    voxels, or the same value in all of them, is an error (no correlation is defined)."""
+    voxels, or the same value in all of them, is an error (no correlation is defined).
+    ``report`` gets a line with the map's overlap with the mask."""
     import numpy as np
 
     from ambasync.analysis.masks import resolve_mask
 
-    mask = resolve_mask(spec, ds, resample=True) & np.isfinite(values)
+    within = resolve_mask(spec, ds, resample=True, align=align)
+    mask = within & np.isfinite(values)
+    if report is not None:
+        report.append(overlap_line("MAP", map_name, int(mask.sum()), int(within.sum()), f"voxels of the mask {spec}"))
     if mask.sum() < 2:
         raise _error(f"{map_name}: the map has no values inside the mask {spec!r} on the cube's grid "
                      "(all NaN there, or outside it); is it in the mirror's world space?")
@@ -119,6 +164,8 @@ class SearchResult:
     mask: np.ndarray  # the voxels scored
     n_nulls: int
     method: str
+    tail: str = DEFAULT_TAIL
+    report: tuple[str, ...] = ()  # each image's overlap with the mask, for the command to print
 
 
 def _catalogue(ds: xr.Dataset) -> pd.DataFrame:
@@ -142,12 +189,17 @@ def _has_voxel_major(ds: xr.Dataset) -> bool:
 
 def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "pearson",
               nulls: int = DEFAULT_NULLS, seed: int = DEFAULT_SEED, by_gene: bool = False,
-              scheduler: str | None = None, progress: bool = True, voxel_major: bool = True) -> SearchResult:
+              scheduler: str | None = None, progress: bool = True, voxel_major: bool = True, *,
+              tail: str = DEFAULT_TAIL, align: str | None = None) -> SearchResult:
     """Score every experiment of the cube at ``out`` against the map at ``map_path``.
 
     ``nulls`` null maps (:func:`ambasync.analysis.search.nulls.phase_randomised`, seeded by ``seed``) give
     each experiment's two-sided ``p_spatial``; ``q`` is Benjamini-Hochberg over experiments
     (over genes in the gene table). ``nulls=0`` skips them (r only; p and q are NaN).
+    ``tail="gpd"`` refines p below 1/(nulls + 1) by a generalised Pareto fit to the tail of each
+    row's nulls where the fit holds (:mod:`ambasync.analysis.search.tail`; ``p_method`` says
+    which); ``"empirical"`` keeps the count alone. ``align``: how the map and ``mask`` image meet
+    the cube's grid (:func:`ambasync.imaging.regrid.align_image`).
 
     ``voxel_major``: Pearson is scored from the cube's voxel-major copy when it has one, reading
     only the chunks that hold mask voxels (a fraction of the bytes, none decoded twice); False,
@@ -158,15 +210,21 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
 
     from ambasync.cube.read import cube_location, open_cube
     from ambasync.analysis.search.nulls import null_spectrum, phase_randomised
-    from ambasync.analysis.search.stats import bh_q, gene_scores, parametric_p, spatial_p, voxel_design
+    from ambasync.analysis.search.stats import bh_q, gene_scores, parametric_p, spatial_pvalues, voxel_design
 
     if method not in METHODS:
         raise _error(f"--method {method!r}: use one of {', '.join(METHODS)}")
     if nulls < 0:
         raise _error(f"--nulls {nulls}: give 0 (no spatial p-values) or more")
+    if tail not in TAILS:
+        raise _error(f"--tail {tail!r}: use one of {', '.join(TAILS)}")
+    if align not in (None, *ALIGN):
+        raise _error(f"--align {align!r}: use one of {', '.join(ALIGN)}")
     ds = open_cube(out)
-    values = map_on_cube(map_path, ds)
-    voxels_mask = search_mask(values, mask, ds, map_path if isinstance(map_path, str) else "the map array")
+    values = map_on_cube(map_path, ds, align)
+    report: list[str] = []
+    voxels_mask = search_mask(values, mask, ds, map_path if isinstance(map_path, str) else "the map array", align,
+                              report)
     filled = np.where(voxels_mask, values, 0.0)
     map_values = filled[voxels_mask]
 
@@ -199,7 +257,7 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
 
     table = _catalogue(ds)
     table["r"] = r[:, 0]
-    table["p_spatial"] = spatial_p(r)
+    table["p_spatial"], table["p_method"] = spatial_pvalues(r, tail)
     table["q"] = bh_q(table["p_spatial"].to_numpy())
     table["n_voxels"] = n
     table["p_naive"] = parametric_p(r[:, 0], n)
@@ -209,26 +267,45 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
     if by_gene:
         import pandas as pd
 
-        names, combined, counts = gene_scores(r, _catalogue(ds)["gene"].to_numpy())
-        ids = _catalogue(ds).groupby("gene")["experiment_id"].apply(lambda s: ";".join(str(i) for i in s))
-        genes = pd.DataFrame({"gene": names, "r": combined[:, 0], "p_spatial": spatial_p(combined),
-                              "n_experiments": counts, "experiment_ids": ids.reindex(names).to_numpy()})
+        from ambasync.analysis.search.replication import cube_gene_reproducibility
+
+        catalogue = _catalogue(ds)
+        names, combined, counts = gene_scores(r, catalogue["gene"].to_numpy())
+        ids = catalogue.groupby("gene")["experiment_id"].apply(lambda s: ";".join(str(i) for i in s))
+        p, how = spatial_pvalues(combined, tail)
+        genes = pd.DataFrame({"gene": names, "r": combined[:, 0], "p_spatial": p,
+                              "n_experiments": counts, "experiment_ids": ids.reindex(names).to_numpy(),
+                              "p_method": how})
         genes["q"] = bh_q(genes["p_spatial"].to_numpy())
+        reproducible = cube_gene_reproducibility(location, ds["expression"], catalogue["gene"].to_numpy(),
+                                                 voxels_mask, scheduler, progress)
+        genes["reproducibility"] = reproducible["reproducibility"].reindex(names).to_numpy()
+        genes["replicated"] = reproducible["replicated"].reindex(names).to_numpy()
         genes = genes.sort_values("r", ascending=False, na_position="last", kind="stable")[list(GENE_COLUMNS)]
     return SearchResult(table.reset_index(drop=True), None if genes is None else genes.reset_index(drop=True),
-                        np.where(np.isfinite(values), values, np.nan), voxels_mask, nulls, method)
+                        np.where(np.isfinite(values), values, np.nan), voxels_mask, nulls, method, tail,
+                        tuple(report))
 
 
 # --------------------------------------------------------------------------------------------
 # Differential mode
 # --------------------------------------------------------------------------------------------
 
-def fold_change(out: str, target: str, contrast: str | None = None, mask: str = DEFAULT_MASK,
-                scheduler: str | None = None, progress: bool = True) -> pd.DataFrame:
+def fold_change(out: str, target: str | np.ndarray, contrast: str | np.ndarray | None = None,
+                mask: str = DEFAULT_MASK, scheduler: str | None = None, progress: bool = True, *,
+                target_above: float | None = None, contrast_at_most: float | None = None, align: str | None = None,
+                report: list[str] | None = None) -> pd.DataFrame:
     """Per experiment, mean expression in the ``target`` region over the mean in the
-    ``contrast`` region (default: the rest of the mask), each over the voxels where the
-    experiment has data, as ABIgeneRMINC's ``adult_gene_expression_analysis``. Sorted by
-    log2 fold change, descending."""
+    ``contrast`` region, each over the voxels where the experiment has data, as ABIgeneRMINC's
+    ``geneFoldChange`` / ``adult_gene_expression_analysis``. Sorted by log2 fold change,
+    descending.
+
+    The target is the image's nonzero voxels, or its voxels > ``target_above``. The contrast is,
+    as given, ``contrast``'s nonzero voxels (or its voxels <= ``contrast_at_most``; without
+    ``contrast``, the target image's voxels <= ``contrast_at_most``), voxels it shares with the
+    target included; without either, the rest of the mask (mask minus target). Both are
+    restricted to ``mask``. The ``target`` and ``contrast`` columns name the regions used;
+    ``report`` gets each region's overlap with the mask."""
     import dask
     import numpy as np
 
@@ -236,27 +313,44 @@ def fold_change(out: str, target: str, contrast: str | None = None, mask: str = 
     from ambasync.analysis.masks import resolve_mask
     from ambasync.analysis.search.stats import log2_fold
 
+    if align not in (None, *ALIGN):
+        raise _error(f"--align {align!r}: use one of {', '.join(ALIGN)}")
     ds = open_cube(out)
-    within = resolve_mask(mask, ds, resample=True)
-    target_mask = roi_on_cube(target, ds) & within
+    within = resolve_mask(mask, ds, resample=True, align=align)
+    region = roi_on_cube(target, ds, align, above=target_above, flag="--target")
+    target_mask = region & within
+    target_text = region_name(target, above=target_above)
+    if report is not None:
+        report.append(overlap_line("--target", target, int(target_mask.sum()), int(region.sum()),
+                                   f"its voxels ({target_text}) inside the mask {mask}"))
     if not target_mask.any():
-        raise _error(f"--target {target}: no voxels inside the mask {mask!r}; is it in the mirror's world space?")
-    if contrast is None:
+        raise _error(f"--target {target_text}: no voxels inside the mask {mask!r}; is it in the mirror's world space?")
+    if contrast is None and contrast_at_most is None:
         contrast_mask = within & ~target_mask
+        contrast_text = f"rest of the mask {mask} (mask minus target)"
         if not contrast_mask.any():
-            raise _error(f"--target {target} covers the whole mask {mask!r}: nothing is left to contrast it with; "
-                         "give --contrast")
+            raise _error(f"--target {target_text} covers the whole mask {mask!r}: nothing is left to contrast it "
+                         "with; give --contrast")
     else:
-        contrast_mask = roi_on_cube(contrast, ds) & within
+        image = target if contrast is None else contrast
+        if contrast is None:
+            region = roi_on_cube(image, ds, align, at_most=contrast_at_most, flag="--target")
+        else:
+            region = roi_on_cube(image, ds, align, at_most=contrast_at_most, flag="--contrast")
+        contrast_mask = region & within
+        contrast_text = region_name(image, at_most=contrast_at_most)
+        if report is not None:
+            report.append(overlap_line("--contrast", image, int(contrast_mask.sum()), int(region.sum()),
+                                       f"its voxels ({contrast_text}) inside the mask {mask}"))
         if not contrast_mask.any():
-            raise _error(f"--contrast {contrast}: no voxels inside the mask {mask!r}; "
+            raise _error(f"--contrast {contrast_text}: no voxels inside the mask {mask!r}; "
                          "is it in the mirror's world space?")
     both = target_mask | contrast_mask
     voxels = dask.delayed(np.flatnonzero(both.ravel()))
-    in_target = dask.delayed(target_mask[both])
+    regions = dask.delayed((target_mask[both], contrast_mask[both]))
     blocks = experiment_blocks(ds["expression"])
     location = cube_location(out)
-    parts = compute_tasks(lambda _: [dask.delayed(means_block, pure=True)(location, b, voxels, in_target)
+    parts = compute_tasks(lambda _: [dask.delayed(means_block, pure=True)(location, b, voxels, regions)
                                      for b in blocks],
                           scheduler,
                           f"mean expression of {ds.sizes['experiment']} experiments in the two regions", progress)
@@ -267,9 +361,11 @@ def fold_change(out: str, target: str, contrast: str | None = None, mask: str = 
         table["fold_change"] = t_mean / c_mean
     table["target_mean"], table["contrast_mean"] = t_mean, c_mean
     table["n_target"], table["n_contrast"] = t_n, c_n
+    table["target"], table["contrast"] = target_text, contrast_text
     table = table.sort_values("log2_fold_change", ascending=False, na_position="last", kind="stable")
     return table[list(FOLD_COLUMNS)].reset_index(drop=True)
 
 
-__all__ = ["BY", "DEFAULT_MASK", "DEFAULT_NULLS", "DEFAULT_SEED", "METHODS", "SearchResult", "correlate",
-           "fold_change", "map_on_cube", "roi_on_cube", "search_mask"]
+__all__ = ["ALIGN", "BY", "DEFAULT_MASK", "DEFAULT_NULLS", "DEFAULT_SEED", "DEFAULT_TAIL", "METHODS", "TAILS",
+           "SearchResult", "correlate", "fold_change", "map_on_cube", "overlap_line", "region_name", "roi_on_cube",
+           "search_mask"]

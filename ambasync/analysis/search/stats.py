@@ -186,6 +186,31 @@ def spatial_p(r: np.ndarray) -> np.ndarray:
     return p
 
 
+def spatial_pvalues(r: np.ndarray, tail: str = "gpd") -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided spatial p-value of each row's first column against its other columns (the
+    nulls), and how it was made (``p_method``): with ``tail="gpd"``,
+    :func:`ambasync.analysis.search.tail.tail_pvalues` (a generalised Pareto tail fitted to the
+    row's nulls, ``"gpd"``, where the empirical p is small and the fit holds; else the empirical
+    p, ``"empirical"``); with ``"empirical"``, :func:`spatial_p` alone. ``"none"`` where p is NaN
+    (r NaN, or no nulls)."""
+    r = np.asarray(r, dtype=np.float64)
+    if r.shape[1] < 2:
+        return np.full(r.shape[0], np.nan), np.full(r.shape[0], "none", dtype=object)
+    if tail == "empirical":
+        p = spatial_p(r)
+        how = np.where(np.isnan(p), "none", "empirical").astype(object)
+        return p, how
+    if tail != "gpd":
+        raise ValueError(f"tail must be 'gpd' or 'empirical', not {tail!r}")
+    from ambasync.analysis.search.tail import tail_pvalues
+
+    fitted = tail_pvalues(r[:, 0], r[:, 1:], alternative="two-sided")
+    p = np.asarray(fitted.p, dtype=np.float64)
+    how = np.asarray(fitted.method).astype(object)
+    how[np.isnan(p)] = "none"
+    return p, how
+
+
 def parametric_p(r: np.ndarray, n: np.ndarray) -> np.ndarray:
     """The textbook two-sided p-value of a correlation (t with n-2 degrees of freedom),
     which assumes independent voxels: reported only to show how far off it is."""

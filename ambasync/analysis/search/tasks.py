@@ -134,15 +134,19 @@ def score_voxel_span(location: str, span: tuple[int, int], pieces: list[Piece],
     return correlations_from_sums(total)
 
 
-def means_block(location: str, span: tuple[int, int], voxels: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+def means_block(location: str, span: tuple[int, int], voxels: np.ndarray,
+                regions: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Mean and count of each experiment of ``span`` over the target's and the contrast's voxels
+    (two bool arrays over ``voxels``; they may overlap: an explicit contrast is used as given)."""
     import numpy as np
 
     from ambasync.cube.read import read_experiments
     from ambasync.analysis.search.stats import block_means
 
+    target, contrast = regions
     block = read_experiments(location, *span)
     flat = np.take(block.reshape(block.shape[0], -1), voxels, axis=1)
-    return (*block_means(flat, target), *block_means(flat, ~target))
+    return (*block_means(flat, target), *block_means(flat, contrast))
 
 
 def compute_tasks(make_tasks: Callable[[Any], list[Any]], scheduler: str | None, what: str, progress: bool,
