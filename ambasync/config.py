@@ -89,12 +89,18 @@ class PipelineConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    memory: str = ""  # budget of matrix (and other analysis) steps: "4GB", bytes; "" = a safe share of RAM
+
+
+@dataclass
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     @property
     def planes(self) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ the run's event-loop process, which never imports numpy.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -61,6 +62,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument(flag, dest=name, default=None, **kwargs)
     p.add_argument("--volume", metavar="GENE", help="write this gene's (or experiment's) processed map as an image")
     p.add_argument("--scheduler", metavar="ADDRESS", help="dask.distributed scheduler to compute on")
+    p.add_argument("--memory", metavar="SIZE",
+                   help="memory budget, e.g. 4GB (default: [analysis] memory, else half of RAM); a request "
+                        "that cannot fit stops before it starts (exit 2)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
     return p
@@ -73,6 +77,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
     quiet = getattr(args, "quiet", False)
+    if not quiet:  # progress lines (rate, ETA) when stderr is not a terminal
+        logger = logging.getLogger("ambasync")
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     m = matrix(args.out, args.recipe, to=args.to, volume=args.volume, scheduler=args.scheduler,
                cube=getattr(args, "cube", None), memory=getattr(args, "memory", None), quiet=quiet, **overrides)
     facts = m.attrs["ambasync"]

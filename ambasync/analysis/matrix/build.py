@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from ambasync import __version__
 from ambasync.errors import AnalysisError
-from ambasync.analysis.matrix.impute import knn_impute, spatial_impute
+from ambasync.analysis.matrix.budget import check_knn, plan_matrix, resolve_budget
+from ambasync.analysis.matrix.impute import knn_impute_blocked, spatial_impute
 from ambasync.analysis.matrix.read import hemisphere_axis, labels_on_grid, read_blocks, read_catalogue, read_table
-from ambasync.analysis.matrix.steps import (Selection, check_mask_for_plane, combine_block, keep_rows, log2_transform, mark_missing, missing_fraction, normalise, region_means, select_experiments)
+from ambasync.analysis.matrix.steps import (Selection, check_mask_for_plane, combine_block, keep_rows,
+                                            log2_transform, mark_missing, missing_fraction, normalise,
+                                            region_means, select_experiments)
 from ambasync.analysis.matrix.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -48,9 +51,14 @@ class Matrix:
 
 
 
-def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progress: bool = True) -> Matrix:
+def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progress: bool = True,
+                 memory: str | int | None = None) -> Matrix:
     """Every step of ``recipe`` on the cube in ``out``: the gene (or experiment) × voxel matrix,
-    or × region when the recipe names labels."""
+    or × region when the recipe names labels.
+
+    ``memory`` is the budget (bytes or text such as ``"4GB"``; default ``[analysis] memory``,
+    else half of RAM): every step is sized to fit in it, and a request whose estimate does not
+    fit raises :class:`AnalysisError` before anything is read."""
     import numpy as np
     import pandas as pd
 
@@ -58,7 +66,9 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
     from ambasync.cube.read import cube_geometry, cube_location, open_cube
     from ambasync.analysis.masks import resolve_mask
     from ambasync.geometry import affine
+    from ambasync.progress import Progress
 
+    budget, budget_source = resolve_budget(memory)
     check_mask_for_plane(recipe)
     ds = open_cube(out)
     if recipe.variable not in ds:
@@ -85,35 +95,47 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
         mask = resolve_mask(recipe.mask, ds, resample=recipe.resample_images)
         mask_flat = mask.ravel()
         n_vox = int(mask_flat.sum())
+        n_rows = sel.ids.size if recipe.group_by == "experiment" else np.unique(sel.genes).size
+        plan = plan_matrix(recipe, n_rows, n_vox, int(mask_flat.size), budget, budget_source,
+                           labels.ravel()[mask_flat] if labels is not None else None)
+        plan.check(f"this matrix ({n_rows} rows x {n_vox} voxels at most, {sel.ids.size} experiments)")
         digest = hashlib.sha256()
         digest.update(f"{recipe.variable}\n".encode())
         digest.update(sel.ids.astype("<i8").tobytes())
         digest.update(np.packbits(mask_flat).tobytes())
         mirror_axis = hemisphere_axis(ds) if recipe.mirror_hemisphere else None
-        n_rows = sel.ids.size if recipe.group_by == "experiment" else np.unique(sel.genes).size
+        # only rows that pass the missing-value filter are kept, as each block is read: pages of
+        # this array that no kept row reaches are never touched, so never resident
         values = np.empty((n_rows, n_vox), dtype=np.float64)
         keys: list[np.ndarray] = []
-        filled = 0
-        for rows, masked in read_blocks(ds[recipe.variable].data, sel, mask_flat, mirror_axis, digest, progress):
+        grouped = filled = 0
+        least_missing = 1.0
+        for rows, masked in read_blocks(ds[recipe.variable].data, sel, mask_flat, mirror_axis, digest, progress,
+                                        plan.read_block):
             x = mark_missing(masked, recipe.zero_is_missing)
             del masked
             if recipe.log2:
                 log2_transform(x, recipe.log2_offset)
             block, block_keys = combine_block(x, sel.genes[rows], sel.planes[rows], recipe)
-            values[filled:filled + len(block)] = block
-            keys.append(block_keys if recipe.group_by == "gene" else sel.ids[rows].astype(str))
-            filled += len(block)
+            del x
+            if recipe.group_by == "experiment":
+                block_keys = sel.ids[rows].astype(str)
+            frac = missing_fraction(block)
+            grouped += len(block)
+            if len(frac):
+                least_missing = min(least_missing, float(frac.min()))
+            keep = np.flatnonzero(frac < recipe.max_missing)
+            values[filled:filled + keep.size] = block[keep]
+            keys.append(block_keys[keep])
+            filled += keep.size
+            del block
+        if filled == 0:
+            raise AnalysisError(f"--max-missing {recipe.max_missing} leaves no rows: the least missing of "
+                                f"{grouped} rows has {least_missing:.1%} of the {n_vox} masked voxels missing; "
+                                "raise it, or choose a mask the experiments cover")
         values = values[:filled]
         row_keys = np.concatenate(keys)
         read_seconds = time.monotonic() - t0
-
-        frac = missing_fraction(values)
-        keep = frac < recipe.max_missing
-        if not keep.any():
-            raise AnalysisError(f"--max-missing {recipe.max_missing} leaves no rows: the least missing of "
-                                f"{len(frac)} rows has {frac.min():.1%} of the {n_vox} masked voxels missing; "
-                                "raise it, or choose a mask the experiments cover")
-        values, row_keys = keep_rows(values, keep), row_keys[keep]
 
         t1 = time.monotonic()
         coords = (affine(geometry) @ np.vstack([np.argwhere(mask).T, np.ones(n_vox)]))[:3].T
@@ -121,9 +143,14 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
             log.info("imputing %d NaN cells of %d rows x %d voxels (%s)", int(np.isnan(values).sum()),
                      values.shape[0], n_vox, recipe.impute)
         if recipe.impute == "knn":
-            values = knn_impute(values, recipe.knn_neighbors)
+            check_knn(plan, values, recipe.knn_neighbors)
+            bar = Progress("imputing (knn)", None, "voxels", progress)
+            values = knn_impute_blocked(values, recipe.knn_neighbors, memory_bytes=plan.knn_tiles, progress=bar)
+            bar.close()
         elif recipe.impute == "spatial":
-            values = spatial_impute(values, coords)
+            bar = Progress("imputing (spatial)", values.shape[0], "rows", progress)
+            values = spatial_impute(values, coords, inplace=True, progress=bar)
+            bar.close()
         impute_seconds = time.monotonic() - t1
 
     if homologs is not None:
@@ -133,7 +160,7 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
             raise AnalysisError(f"homolog table {recipe.homologs}: none of the {len(row_keys)} rows' genes is in its "
                                 "Mouse column; check that it lists mouse gene acronyms")
         values, row_keys = keep_rows(values, has), row_keys[has]
-    values = normalise(values, recipe.normalise)
+    values = normalise(values, recipe.normalise, column_block=plan.column_block)
 
     obs = _obs(row_keys, sel, catalogue, recipe)
     ijk = np.argwhere(mask)
@@ -155,11 +182,12 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
         columns = regions
     facts = {
         "cube": cube_location(out), "cube_hash": digest.hexdigest(), "ambasync_version": __version__,
-        "n_experiments": int(sel.ids.size), "n_rows_grouped": int(filled), "n_rows": int(values.shape[0]),
+        "n_experiments": int(sel.ids.size), "n_rows_grouped": int(grouped), "n_rows": int(values.shape[0]),
         "n_voxels": n_vox, "n_columns": int(values.shape[1]),
         "columns": "regions" if var.index.name == "region" else "voxels", "n_region_voxels": n_region_voxels,
         "planes": sorted(set(sel.planes.tolist())), "read_seconds": read_seconds,
-        "impute_seconds": impute_seconds, "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or "",
+        "impute_seconds": impute_seconds, "memory_budget": int(budget), "memory_estimate": int(plan.peak),
+        "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or "",
     }
     return Matrix(values, row_keys, ROW_LABEL[recipe.group_by], obs, var, columns, mask, geometry, recipe, facts)
 

@@ -1,5 +1,11 @@
-"""Filling a matrix's NaN cells: scikit-learn's KNNImputer as MHTS runs it (its chunks as dask
-tasks, so ``--scheduler`` spreads them), or the nearest voxels with data in space."""
+"""Filling a matrix's NaN cells: scikit-learn's KNNImputer as MHTS runs it, or the nearest voxels
+with data in space.
+
+``matrix`` imputes with :func:`knn_impute_blocked` (:mod:`ambasync.analysis.matrix.knn`: the same
+numbers as KNNImputer, computed only for the voxels that miss a value, in blocks sized by the
+memory budget, as dask tasks). :func:`knn_impute` is scikit-learn's own KNNImputer with its
+chunks as dask tasks, bit for bit its result; it holds a voxels x voxels share of distances per
+chunk and a copy of the matrix per task, so it is kept for small matrices and as the reference."""
 
 from __future__ import annotations
 
@@ -43,25 +49,52 @@ def knn_impute(values: np.ndarray, n_neighbors: int = 5) -> np.ndarray:
     return out.T.copy()
 
 
+def knn_impute_blocked(values: np.ndarray, n_neighbors: int = 5, memory_bytes: int | None = None,
+                       progress: Any = None) -> np.ndarray:
+    """KNNImputer's result (voxels as samples, rows as features; within rounding) at atlas scale:
+    :func:`ambasync.analysis.matrix.knn.knn_impute`, the blockwise exact nan-euclidean KNN. Rows
+    NaN in every voxel are never passed (the missing-value filter removes them). Falls back to
+    :func:`knn_impute` where that module is absent."""
+    try:
+        from ambasync.analysis.matrix.knn import knn_impute as blocked
+    except ImportError:
+        return knn_impute(values, n_neighbors)
+    return blocked(values, n_neighbors, memory_bytes=memory_bytes, progress=progress)
+
+
 def _knn_transform(imputer: Any, rows: np.ndarray) -> np.ndarray:
     return imputer.transform(rows)
 
 
-def spatial_impute(values: np.ndarray, coords: np.ndarray) -> np.ndarray:
+def spatial_impute(values: np.ndarray, coords: np.ndarray, inplace: bool = False, progress: Any = None
+                   ) -> np.ndarray:
     """Each row's NaN voxels get the mean of that row's nearest voxels with data, in space:
     all data voxels at the smallest Euclidean distance (world mm) from the missing one (ties all
-    count; on the 200 µm grid usually its 6 face neighbours). Rows without data stay NaN."""
+    count; on the 200 µm grid usually its 6 face neighbours). Rows without data stay NaN.
+    ``inplace`` fills a float64 ``values`` itself (no second matrix); ``progress.update(1)``
+    after each row. Rows missing the same voxels share one tree."""
     import numpy as np
     from scipy.spatial import cKDTree
 
-    out = np.array(values, dtype=np.float64)
+    if inplace and values.dtype == np.float64:
+        out = values
+    else:
+        out = np.array(values, dtype=np.float64)
+    cached: tuple[bytes, Any] | None = None
     for r in range(out.shape[0]):
+        if progress is not None:
+            progress.update(1)
         row = out[r]
         missing = np.isnan(row)
         if not missing.any() or missing.all():
             continue
         have = np.flatnonzero(~missing)
-        tree = cKDTree(coords[have])
+        signature = np.packbits(missing).tobytes()
+        if cached is not None and cached[0] == signature:
+            tree = cached[1]
+        else:
+            tree = cKDTree(coords[have])
+            cached = (signature, tree)
         targets = coords[missing]
         k = min(SPATIAL_K, have.size)
         dist, idx = tree.query(targets, k=k)
@@ -77,4 +110,4 @@ def spatial_impute(values: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["knn_impute", "spatial_impute"]
+__all__ = ["knn_impute", "knn_impute_blocked", "spatial_impute"]

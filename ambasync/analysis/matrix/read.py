@@ -5,8 +5,6 @@ tables, the label image on the cube's grid)."""
 from __future__ import annotations
 
 import logging
-import sys
-import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ambasync.errors import AnalysisError
@@ -35,23 +33,29 @@ def read_catalogue(ds: Any) -> Any:
 
 
 def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: int | None,
-                digest: Any, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(rows of this block in ``sel`` order, masked float32 voxels), whole genes per block.
-    The next block is read (dask: decompression on every core) while the caller works on this one.
+                digest: Any, progress: bool, block: int = BLOCK_EXPERIMENTS
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows of this block in ``sel`` order, masked float32 voxels), whole genes per block of
+    about ``block`` experiments (the memory budget sets it). The next block is read (dask:
+    decompression on every core) while the caller works on this one.
     Not :func:`ambasync.cube.read.read_experiments`, which reads a range of storage positions: a
     recipe's experiments are scattered positions (one plane, a gene list), gathered here."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
+    from ambasync.progress import Progress
+
     n = sel.ids.size
     bounds, start = [], 0
     while start < n:
-        stop = min(n, start + BLOCK_EXPERIMENTS)
+        stop = min(n, start + max(1, block))
         while stop < n and sel.genes[stop] == sel.genes[stop - 1]:
             stop += 1
         bounds.append((start, stop))
         start = stop
+    n_vox = int(mask_flat.sum())
+    where = np.flatnonzero(mask_flat)
 
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(start, stop)
@@ -62,39 +66,20 @@ def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: i
             sag = sel.planes[rows][order] == "sagittal"
             if sag.any():
                 raw[sag] = mirror_hemisphere(raw[sag], mirror_axis + 1)
-        masked = np.empty((len(rows), int(mask_flat.sum())), dtype=raw.dtype)
-        masked[order] = raw.reshape(len(rows), -1)[:, mask_flat]
+        masked = np.empty((len(rows), n_vox), dtype=raw.dtype)
+        masked[order] = np.take(raw.reshape(len(rows), -1), where, axis=1)
         return rows, masked
 
-    bar = _progress(len(bounds), "reading the cube", progress)
+    bar = Progress("reading the cube", n, "experiments", progress)
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(load, *bounds[0]) if bounds else None
         for i in range(len(bounds)):
             rows, masked = ahead.result()
             ahead = reader.submit(load, *bounds[i + 1]) if i + 1 < len(bounds) else None
             digest.update(np.ascontiguousarray(masked, dtype="<f4").tobytes())
-            bar(1)
+            bar.update(len(rows))
             yield rows, masked
-    bar(None)
-
-
-def _progress(total: int, what: str, enabled: bool):
-    """A tqdm bar on a terminal, else a log line every tenth; call with 1 per step, None to close."""
-    if enabled and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=what, unit="block", leave=False)
-        return lambda step: bar.close() if step is None else bar.update(step)
-    state = {"done": 0, "t": time.monotonic()}
-
-    def tick(step: int | None) -> None:
-        if step is None:
-            return
-        state["done"] += step
-        if enabled and (state["done"] == total or state["done"] % max(1, total // 10) == 0):
-            log.info("%s: %d/%d blocks (%.0f s)", what, state["done"], total, time.monotonic() - state["t"])
-
-    return tick
+    bar.close()
 
 
 def hemisphere_axis(ds: Any) -> int:

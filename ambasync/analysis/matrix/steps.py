@@ -184,14 +184,41 @@ def missing_fraction(values: np.ndarray) -> np.ndarray:
     return np.isnan(values).sum(axis=1) / values.shape[1]
 
 
-def normalise(values: np.ndarray, method: str) -> np.ndarray:
+def normalise(values: np.ndarray, method: str, column_block: int | None = None) -> np.ndarray:
     """``mhts``: z-score each voxel across rows, then centre each row across voxels.
     ``zscore``, ``srs``: abagen's, for each row (gene) across voxels: z-score with ddof 1; the
     scaled robust sigmoid 1/(1+exp(-(x-median)/(IQR/1.349))), then rescaled to [0, 1].
-    NaN entries are skipped by every statistic and stay NaN."""
+    NaN entries are skipped by every statistic and stay NaN.
+
+    With ``column_block`` (voxels; the memory budget sets it) a float64 ``values`` is normalised
+    in place, a block of voxels (or the same number of cells in whole rows) at a time, with the
+    same numbers: each statistic is still taken over the same whole row or column."""
     import numpy as np
     if method == "none":
         return values
+    if method not in NORMALISE:
+        raise ValueError(f"normalise must be one of {NORMALISE}, not {method!r}")
+    if column_block is None or values.dtype != np.float64 or values.ndim != 2:
+        return _normalise(values, method)
+    n_rows, n_cols = values.shape
+    rows_per = max(1, column_block * n_rows // max(1, n_cols))
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if method == "mhts":
+            for c in range(0, n_cols, column_block):
+                block = values[:, c:c + column_block]
+                block[...] = zscore_rows(block.T).T
+            for r in range(0, n_rows, rows_per):
+                rows = values[r:r + rows_per]
+                rows -= np.nanmean(rows, axis=1, keepdims=True)
+            return values
+        for r in range(0, n_rows, rows_per):
+            values[r:r + rows_per] = _normalise(values[r:r + rows_per], method)
+    return values
+
+
+def _normalise(values: np.ndarray, method: str) -> np.ndarray:
+    import numpy as np
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         if method == "mhts":
