@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Sequence
 
 from ambasync import __version__
-from ambasync.cli import early_signals
+from ambasync.mirror import early_signals
 from ambasync.config import DEFAULT_CONFIG_TEXT, LOG_FORMATS, PLANES, VOLUMES, Config, load_config
 from ambasync.errors import EXIT_OK, EXIT_SIGINT, EXIT_USAGE, RunError, exit_codes_text
 from ambasync.geometry import ORIENTATIONS, SPACES
 from ambasync.imaging.minc import DTYPES
 from ambasync.cli.matrix import add_parser as add_matrix_parser, cmd_matrix
 from ambasync.cli.search import add_parser as add_search_parser, cmd_search
+from ambasync.cli.view import add_parser as add_view_parser, cmd_view
 from ambasync.mirror.report import setup_logging
 
 EXIT_CODES = exit_codes_text()
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     add_matrix_parser(sub)
     add_search_parser(sub)
+    add_view_parser(sub)
     return parser
 
 
@@ -202,7 +204,7 @@ def cmd_init_config(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "replica": cmd_replica,
             "demo": cmd_demo, "init-config": cmd_init_config, "matrix": cmd_matrix,
-            "search": cmd_search}
+            "search": cmd_search, "view": cmd_view}
 
 
 def _interrupted_at_start(sig: signal.Signals) -> int:
