@@ -1,8 +1,8 @@
 import sys
 
-from ambasync.cli.early_signals import defer
+from ambasync.mirror.early_signals import defer
 
-defer()  # before the imports below (about a second): see ambasync.cli.early_signals
+defer()  # before the imports below (about a second): see ambasync.mirror.early_signals
 
 from ambasync.cli import main  # noqa: E402
 

@@ -75,6 +75,7 @@ class OutputConfig:
     out: str = "data"
     formats: list[str] = field(default_factory=lambda: ["minc"])
     cube_voxel_major: bool = True  # the cube's voxel-major copy: fast voxel profiles and scans, twice the size
+    cube: str = ""  # where the cube lives: a folder or an fsspec URL (s3://bucket/cube.zarr); "" = {out}/cube.zarr
     keep_zips: bool = False
     cache_dir: str = ""
 
@@ -117,11 +118,6 @@ class Config:
             return None
         k, n = self.source.shard.split("/")
         return int(k), int(n)
-
-    def settings_key(self) -> str:
-        """What produced a file: a change here means the file must be converted again."""
-        c = self.convert
-        return f"{c.orientation}/{c.space}/x{c.expansion:g}/{c.dtype}"
 
 
 # Allowed values for string keys; numbers have their own bounds below.

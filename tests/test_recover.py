@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ambasync.errors import ConfigError
+from ambasync.settings import ConvertSettings
 from ambasync.mirror.health import Health, check_state, refuse_damaged, set_aside_state
 from ambasync.mirror.rebuild import recover_state
 from ambasync.mirror.rebuild import rebuild_state
@@ -135,7 +136,7 @@ async def test_a_truncated_state_is_rebuilt_and_no_intact_file_is_fetched_again(
         assert other.trusted == () and len(other.differed) == 14
         assert all("stores ushort, the settings say float" in r for r in other.reasons.values())
 
-        settings = mirror_config(url, out, source__plane="all").settings_key()
+        settings = ConvertSettings.from_config(mirror_config(url, out, source__plane="all")).key()
         recovery = recover_state(state, out / "manifest.csv", out, settings)
         assert recovery is not None and recovery.set_aside.stat().st_size == 100
         rebuilt = recovery.rebuild
@@ -168,7 +169,7 @@ async def test_files_that_differ_or_are_gone_are_reported_and_only_they_are_fetc
         state = out / ".ambasync" / "state.sqlite"
         state.write_bytes(os.urandom(8192))
 
-        recovery = recover_state(state, out / "manifest.csv", out, mirror_config(url, out).settings_key())
+        recovery = recover_state(state, out / "manifest.csv", out, ConvertSettings.from_config(mirror_config(url, out)).key())
         assert "file is not a database" in recovery.check.reason
         rebuilt = recovery.rebuild
         assert rebuilt.differed == (altered,) and "sha256 differs" in rebuilt.reasons[altered]

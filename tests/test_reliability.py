@@ -281,4 +281,4 @@ def test_disk_full_stops_with_exit_5_a_clear_message_and_a_consistent_state(tmp_
     assert proc.returncode == 5, proc.stderr
     assert "no space left" in proc.stderr.lower()
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["done"] >= 1 and report["bad"] == [] and report["tmp"] == []
+    assert report["done"] >= 1 and report["bad"] == [] and report["tmp"] == [], report

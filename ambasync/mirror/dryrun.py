@@ -9,9 +9,10 @@ import contextlib
 import logging
 import time
 
-from ambasync.mirror.catalog import InvalidRow, Row, Total
+from ambasync.mirror.catalog import InvalidRow, Total
 from ambasync.config import Config
-from ambasync.mirror.decide import Action, Policy, judge
+from ambasync.mirror.decide import Action, Policy
+from ambasync.mirror.plan import decisions
 from ambasync.errors import UpstreamError
 from ambasync.mirror.options import RunOptions
 from ambasync.mirror.outdir import check_output_folder
@@ -42,22 +43,19 @@ async def dry_run(cfg: Config, opts: RunOptions) -> Summary:
     policy = Policy.for_run(cfg, opts, paths)
     state = State(paths.state, readonly=True) if paths.state.is_file() else None
     try:
-        async with AllenSource.for_config(cfg) as source, \
-                contextlib.aclosing(selected(source.catalogue(cfg.planes), selection)) as items:
+        async with AllenSource.for_config(cfg) as source, contextlib.aclosing(decisions(
+                selected(source.catalogue(cfg.planes), selection), lambda eid: state.get(eid) if state else None,
+                outputs, settings, policy)) as items:
             async for plane, item in items:
                 if isinstance(item, Total):
                     progress.catalogue_total(plane, item.rows, selection.limit)
                 elif isinstance(item, InvalidRow):
                     log.warning("invalid catalogue row: %s", item.reason)
                     progress.count("invalid")
-                elif isinstance(item, Row):
-                    record = state.get(item.experiment_id) if state is not None else None
-                    verdict = await judge(record, outputs.targets(item, plane), settings, policy,
-                                          outputs.holds(item.experiment_id))
-                    if verdict.action in (Action.SKIP, Action.QUARANTINE):
-                        progress.count(verdict.action.value)
-                    else:
-                        summary.would_fetch += 1
+                elif item.verdict.action in (Action.SKIP, Action.QUARANTINE):
+                    progress.count(item.verdict.action.value)
+                else:
+                    summary.would_fetch += 1
     except UpstreamError as exc:
         log.error("stopping: %s", exc)
         summary.error, summary.exit_code = str(exc), exc.exit_code

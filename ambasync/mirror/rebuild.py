@@ -151,7 +151,7 @@ def rebuild_state(state_path: str | os.PathLike, manifest_path: str | os.PathLik
     """Write a fresh state at ``state_path`` (which must not exist: :func:`ambasync.mirror.health.set_aside_state` first) from
     ``manifest_path`` and the files under ``out``.
 
-    ``settings`` is the run's settings key (``Config.settings_key()``): a file is trusted only if
+    ``settings`` is the run's settings key (:meth:`ambasync.settings.ConvertSettings.key`): a file is trusted only if
     its header matches it, since the manifest does not say which settings made it. The state is
     built under a temporary name and renamed into place, so an interrupted rebuild leaves none.
     ``batch``: catalogue rows per transaction.

@@ -18,11 +18,12 @@ import os
 import signal
 import sqlite3
 import time
+from typing import AsyncIterator
 
-from ambasync.cli import early_signals
-from ambasync.mirror.catalog import InvalidRow, Row, Total
+from ambasync.mirror import early_signals
+from ambasync.mirror.catalog import InvalidRow, Item, Row, Total
 from ambasync.config import Config
-from ambasync.mirror.decide import Action, Policy, judge
+from ambasync.mirror.decide import Action, Policy
 from ambasync.errors import (EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, RunError, UpstreamError, disk_full)
 from ambasync.files import sweep_tmp
 from ambasync.mirror.lock import OutputLock, layout_for
@@ -32,6 +33,7 @@ from ambasync.mirror.experiment import mirror_one, unexpected
 from ambasync.mirror.options import RunOptions
 from ambasync.mirror.outcome import Job
 from ambasync.mirror.outdir import check_output_folder
+from ambasync.mirror.plan import decisions
 from ambasync.mirror.formats.outputs import Outputs
 from ambasync.paths import Paths
 from ambasync.mirror.pool import ConversionPool, Converter
@@ -140,9 +142,10 @@ class Run:
             await pool.shutdown()
 
     async def _produce(self, source: AllenSource, recorder: Recorder, queue: asyncio.Queue[Job | None]) -> None:
-        settings = self.settings.key()
+        rows = self._seen(selected(source.catalogue(self.cfg.planes), self.selection), recorder)
         try:
-            async with contextlib.aclosing(selected(source.catalogue(self.cfg.planes), self.selection)) as items:
+            async with contextlib.aclosing(decisions(rows, recorder.state.get, self.outputs, self.settings.key(),
+                                                     self.policy)) as items:
                 async for plane, item in items:
                     if self.stop.requested:
                         return
@@ -150,21 +153,27 @@ class Run:
                         self.progress.catalogue_total(plane, item.rows, self.selection.limit)
                     elif isinstance(item, InvalidRow):
                         recorder.invalid(item, plane)
-                    elif isinstance(item, Row):
-                        recorder.seen(item, plane)
-                        record = recorder.state.get(item.experiment_id)
-                        targets = self.outputs.targets(item, plane)
-                        verdict = await judge(record, targets, settings, self.policy,
-                                              self.outputs.holds(item.experiment_id))
-                        if verdict.action in (Action.SKIP, Action.QUARANTINE):
-                            self.progress.count(verdict.action.value)
-                        else:
-                            await queue.put(Job(item, targets, record, verdict.cached_zip))
+                    elif item.verdict.action in (Action.SKIP, Action.QUARANTINE):
+                        self.progress.count(item.verdict.action.value)
+                    else:
+                        await queue.put(Job(item.row, item.targets, item.record, item.verdict.cached_zip))
             self.catalogue_complete = self.selection.complete()
         except UpstreamError as exc:
             self.stop.request(exc.exit_code, str(exc))
         finally:
             recorder.state.commit()
+
+    async def _seen(self, items: AsyncIterator[tuple[str, Item]], recorder: Recorder
+                    ) -> AsyncIterator[tuple[str, Item]]:
+        """Every row recorded as seen before it is decided (the state then knows the catalogue's
+        rows even if the run stops before reaching them); nothing more once a stop is asked."""
+        async with contextlib.aclosing(items) as rows:
+            async for plane, item in rows:
+                if self.stop.requested:
+                    return
+                if isinstance(item, Row):
+                    recorder.seen(item, plane)
+                yield plane, item
 
     async def _dispatch(self, queue: asyncio.Queue[Job | None], source: AllenSource, converter: Converter,
                         recorder: Recorder, slots: int) -> None:

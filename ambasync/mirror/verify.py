@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 from pathlib import Path
+from dataclasses import replace
 
 from ambasync.config import Config
 from ambasync.errors import EXIT_FAILED, EXIT_OK
@@ -21,31 +21,39 @@ from ambasync.mirror.filecheck import check_output
 from ambasync.mirror.outdir import check_output_folder
 from ambasync.paths import Paths
 from ambasync.mirror.health import refuse_damaged
-from ambasync.mirror.record import Output, Status
+from ambasync.mirror.record import Status
 from ambasync.mirror.state import State
 
 log = logging.getLogger("ambasync")
 
 
 def check_cube(cfg: Config, paths: Paths, done: list[int]) -> list[int]:
-    """Done experiments the cube lacks, or whose slot no longer holds the values its member
-    record names (a damaged or missing chunk: taken out of the cube, named in the log). The
+    """Done experiments the cube lacks, or whose published slot no longer holds the values its
+    member record names (a damaged or missing shard: taken out of the cube, named in the log). The
     next run (or ``--repair``) converts them again. Only when the run's formats include the cube."""
-    if "cube" not in cfg.output.formats or not paths.cube.is_dir():
+    from ambasync.cube.kv import is_remote
+    from ambasync.mirror.formats.outputs import CubeOutput, cube_location
+
+    location = cube_location(cfg, paths)
+    if "cube" not in cfg.output.formats or (not is_remote(location) and not Path(location).is_dir()):
         return []
-    from ambasync.cube.writer import slot_sha256
-    from ambasync.mirror.formats.outputs import CubeOutput
+    from ambasync.cube.layout import VARIABLE_OF_VOLUME
+    from ambasync.cube.publish import published_shas
 
     output = CubeOutput.from_config(cfg, paths)
     output.begin(force=False)
+    members = {eid: m for eid, m in output.cube.members().items() if m.slot >= 0}  # published ones
+    found = {v: published_shas(location, VARIABLE_OF_VOLUME[v], [m.slot for m in members.values()])
+             for v in output.settings.volumes}
     broken = []
-    for eid, member in sorted(output.cube.members().items()):
-        bad = [v for v, sha in member.volumes.items() if slot_sha256(paths.cube, member.slot, v) != sha]
+    for eid, member in sorted(members.items()):
+        bad = [v for v, sha in member.volumes.items() if found[v].get(member.slot) != sha]
         if bad:
             log.error("experiment %s: cube slot %d holds other values than recorded (%s)", eid, member.slot,
                       ", ".join(bad))
             output.cube.remove(eid)
             broken.append(eid)
+    output.cube.flush()
     lacking = output.cube.missing(done)
     print(f"verify: {len(output.cube.members()) + len(broken)} experiments of the cube checked, {len(broken)} "
           f"damaged; {len(lacking)} done experiments missing from the cube"
