@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ambasync.version import __version__
 
 # public name -> module that defines it (imported on first use, PEP 562)
 _API = {

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ambasync import __version__
+from ambasync.version import __version__
 from ambasync.mirror import early_signals
 from ambasync.config import DEFAULT_CONFIG_TEXT, LOG_FORMATS, PLANES, VOLUMES, Config, load_config
 from ambasync.errors import EXIT_OK, EXIT_SIGINT, EXIT_USAGE, RunError, exit_codes_text
