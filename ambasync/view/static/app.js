@@ -2,7 +2,7 @@
 "use strict";
 (function () {
   const SCALE = 5;                  // screen pixels per voxel
-  const M = { left: 30, top: 18, bottom: 26, right: 6 };  // margins for title and mm ticks
+  const M = { left: 30, top: 18, bottom: 26, right: 14 };  // margins for title and mm ticks
   const AXIS_NAME = { z: "axial", y: "coronal", x: "sagittal" };
   const CMAPS = {
     viridis: [[68,1,84],[72,40,120],[62,74,137],[49,104,142],[38,130,142],[31,158,137],[53,183,121],[109,205,89],[180,222,44],[253,231,37]],
@@ -74,7 +74,7 @@
       const li = ev.target.closest("li"); if (!li) return;
       ev.preventDefault(); list.hidden = true; onPick(items[+li.dataset.i]);
     });
-    input.addEventListener("blur", () => setTimeout(() => { list.hidden = true; }, 150));
+    input.addEventListener("blur", () => setTimeout(() => { if (document.activeElement !== input) list.hidden = true; }, 150));
   }
 
   async function chooseGene(gene, experimentId) {
@@ -204,7 +204,7 @@
       else { ctx.textBaseline = "middle"; ctx.textAlign = "right"; ctx.fillText(String(mm), M.left - 4, p); }
     }
     ctx.textAlign = "left";
-    if (horizontal) { ctx.fillStyle = "#777"; ctx.fillText(`${dim} (mm)`, place(n - 1) - 26, at + 10); }
+    if (horizontal) { ctx.fillStyle = "#777"; ctx.textAlign = "right"; ctx.fillText(`${dim} (mm)`, place(n - 1) + SCALE, at + 12); ctx.textAlign = "left"; }
     else { ctx.fillStyle = "#777"; ctx.textBaseline = "top"; ctx.fillText(`${dim}`, 2, M.top); }
   }
   function contours(ctx, values, h, w, differs, colour) {
