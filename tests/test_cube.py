@@ -85,10 +85,13 @@ def snapshot(store: Path) -> dict[str, tuple[int, str]]:
 
 
 def slot_of(store: Path, experiment_id: int) -> int:
-    for d in (store / ".ambasync" / "slots").iterdir():
-        member = d / "member.json"
-        if member.exists() and json.loads(member.read_text())["experiment_id"] == experiment_id:
-            return int(d.name)
+    """The experiment's published slot, from the store's member table."""
+    from ambasync.cube.kv import KV
+    from ambasync.cube.slots import read_members
+
+    for slot, member in read_members(KV.open(store)).items():
+        if member.experiment_id == experiment_id:
+            return slot
     raise AssertionError(f"{experiment_id} has no slot")
 
 
@@ -142,13 +145,14 @@ def test_output_writer_and_record_put_an_experiment_in_the_cube(tmp_path):
     written = writer.write(expected(source), None, Target("energy", "cube.zarr", "cube", slot), out)
     assert written.sha256 == hashlib.sha256(expected(source).astype("<f4").tobytes()).hexdigest()
     cube.record(source.experiment_id, slot, {"energy": written.sha256}, source.fields)
-    assert slot_sha256(out / "cube.zarr", slot, "energy") == written.sha256  # what verify checks
     assert xr.open_zarr(out / "cube.zarr").sizes["experiment"] == 0  # nothing published yet: still opens
     cube.publish()
     assert_exact(xr.open_zarr(out / "cube.zarr"), [source])
-    chunk = Path(written.path)
-    chunk.write_bytes(chunk.read_bytes()[:1000])  # a damaged chunk is noticed by verify
-    assert slot_sha256(out / "cube.zarr", slot, "energy") is None
+    published = slot_of(out / "cube.zarr", source.experiment_id)
+    assert slot_sha256(out / "cube.zarr", published, "energy") == written.sha256  # what verify checks
+    shard = out / "cube.zarr" / "expression" / "c" / "0" / "0" / "0" / "0"  # the shard of slots 0-7
+    shard.write_bytes(shard.read_bytes()[:1000])  # a damaged shard is noticed by verify
+    assert slot_sha256(out / "cube.zarr", published, "energy") is None
 
 
 def test_nightly_update_adds_changes_and_prunes_without_touching_the_rest(tmp_path):
@@ -172,16 +176,16 @@ def test_nightly_update_adds_changes_and_prunes_without_touching_the_rest(tmp_pa
 
     after = snapshot(store)
     changed_slot = slot_of(store, changed.experiment_id)
-    for s in night:
-        if s.experiment_id in (changed.experiment_id, added.experiment_id):
-            continue
-        key = f"expression/c/{slot_of(store, s.experiment_id)}/0/0/0"
-        assert after[key] == before[key], f"chunk of untouched experiment {s.experiment_id} was rewritten"
-    # voxel-major chunks of the first block (slots 0-7) held neither the changed, the added
-    # nor the vanished experiment (slots 12 and 17): untouched
-    untouched_block = [k for k in before if k.startswith("expression_by_voxel/c/") and k.endswith("/0")]
-    assert untouched_block and changed_slot == 12 and slot_of(store, added.experiment_id) == 17
-    assert all(after[k] == before[k] for k in untouched_block)
+    # Store layout 2 (sharded): the first block (slots 0-7: its volume-major shard and its
+    # voxel-major shards) held neither the changed, the added nor the vanished experiment (slots 12
+    # and 17): not one of its objects was rewritten.
+    untouched_block = ["expression/c/0/0/0/0", ".ambasync/blocks/000000.npz"] + [
+        k for k in before if k.startswith("expression_by_voxel/c/") and k.endswith("/0")]
+    assert changed_slot == 12 and slot_of(store, added.experiment_id) == 17
+    assert all(k in before and after[k] == before[k] for k in untouched_block)
+    for s in night:  # untouched experiments kept their slots
+        if s.experiment_id not in (changed.experiment_id, added.experiment_id):
+            assert slot_of(store, s.experiment_id) == first.index(s)
 
     # a no-op night
     build_from_zips(store, SETTINGS, night, workers=1, prune=True, quiet=True)
@@ -206,8 +210,9 @@ def child(store: Path, sources: list[ZipSource], writer: str) -> subprocess.Pope
 
 
 def members_on_disk(store: Path) -> int:
-    slots = store / ".ambasync" / "slots"
-    return sum(1 for d in slots.iterdir() if (d / "member.json").exists()) if slots.is_dir() else 0
+    """Experiments staged by the workers so far (store layout 2: staged/{id}/{volume})."""
+    staged = store / ".ambasync" / "staged"
+    return sum(1 for _ in staged.glob("*/energy")) if staged.is_dir() else 0
 
 
 @pytest.mark.parametrize("moment", ["writing", "publishing"])

@@ -127,7 +127,7 @@ async def test_verify_finds_a_damaged_cube_chunk_and_repair_restores_it(tmp_path
         await mirror(url, tmp_path, output__formats=["minc", "cube"])
         cube = xr.open_zarr(tmp_path / "cube.zarr")
         victim = int(cube.experiment.values[1])
-        chunk = tmp_path / "cube.zarr" / "expression" / "c" / "1" / "0" / "0" / "0"  # slot 1's chunk
+        chunk = tmp_path / "cube.zarr" / "expression" / "c" / "0" / "0" / "0" / "0"  # the shard of slots 0-511
         chunk.write_bytes(chunk.read_bytes()[:-7] + b"garbage")
         args = ("verify", "--out", str(tmp_path))
         env_formats = {"AMBASYNC_OUTPUT_FORMATS": "minc,cube", "AMBASYNC_SOURCE_BASE_URL": url}

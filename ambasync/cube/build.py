@@ -1,8 +1,8 @@
 """Build (or complete) the cube from zips already on disk, e.g. the kept zips of a MINC-only
 mirror (``{out}/.ambasync/zips/{sha[:2]}/{sha}.zip``), on every core.
 
-Exact values come from the zips' ``.raw`` grids, never from the mirror's MINC files. The main
-process claims slots and publishes; worker processes decode, reorient and write each slot.
+Exact values come from the zips' ``.raw`` grids, never from the mirror's MINC files. Worker
+processes decode, reorient and stage each experiment; the main process records them and publishes.
 """
 
 from __future__ import annotations
@@ -71,15 +71,18 @@ def _build_one(store: str, slot: int, zip_path: str, volumes: tuple[str, ...], o
 
 def build_from_zips(path: str | os.PathLike, settings: CubeSettings, sources: Iterable[ZipSource], *,
                     workers: int = 0, writer: str = "", force: bool = False, prune: bool = False,
-                    quiet: bool = False, max_raw_bytes: int = MAX_RAW_BYTES) -> BuildResult:
+                    quiet: bool = False, max_raw_bytes: int = MAX_RAW_BYTES,
+                    stage: str | os.PathLike | None = None) -> BuildResult:
     """Put every source into the cube at ``path`` and publish it. ``workers`` processes (0: one
     per CPU; 1: in this process, no pool). Experiments already in the cube with the same values
     are not rewritten, so this also completes an interrupted build. ``prune`` removes the
     experiments not among ``sources`` (as ``--prune``). ``writer`` names this writer (e.g.
-    "shard 0/2"): give each concurrent writer its own. Returns what the state must record."""
-    from ambasync.mirror.pool import init_worker, start_forkserver
+    "shard 0/2"): give each concurrent writer its own. ``path`` may be an fsspec URL; ``stage`` is
+    then the local folder grids wait in until the publish uploads them. Returns what the state
+    must record."""
+    from ambasync.workers import init_worker, start_forkserver
 
-    cube = Cube.open(path, settings, writer=writer, force=force)
+    cube = Cube.open(path, settings, writer=writer, force=force, stage=stage)
     sources = list(sources)
     workers = workers or os.cpu_count() or 1
     members: list[Member] = []
@@ -105,7 +108,7 @@ def build_from_zips(path: str | os.PathLike, settings: CubeSettings, sources: It
                 if source is None:
                     break
                 slot = cube.slot_for(source.experiment_id)
-                future = pool.submit(_build_one, str(cube.path), slot, source.path, settings.volumes,
+                future = pool.submit(_build_one, str(cube.stage), slot, source.path, settings.volumes,
                                      settings.orientation, max_raw_bytes)
                 pending[future] = (source, slot)
             if not pending:
@@ -121,9 +124,10 @@ def build_from_zips(path: str | os.PathLike, settings: CubeSettings, sources: It
                     cube.release(source.experiment_id, slot)
                     failed.append((source.experiment_id, getattr(exc, "reason", f"{type(exc).__name__}: {exc}")))
                     continue
+                before = cube.unchanged
                 members.append(cube.record(source.experiment_id, slot, {w.volume: w.sha256 for w in result},
                                            source.fields))
-                written += any(w.written for w in result)
+                written += cube.unchanged == before
             handled = len(members) + len(failed)
             if bar is not None:
                 bar.update(len(done))

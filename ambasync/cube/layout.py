@@ -4,14 +4,19 @@ Every other cube module takes its names and numbers from here, so the contract
 (docs/cube.md) is written down once. Chunk and codec choices were measured with
 ``python -m bench.cube`` (figures and reasons in docs/cube.md):
 
-- ``expression`` (experiment, zspace, yspace, xspace) is volume-major, one experiment per
-  chunk: a volume is one file, a writer owns whole chunks (one slot = one experiment), and an
-  experiment is rewritten without touching any other. blosc zstd level 1 with byte shuffle.
+- ``expression`` (experiment, zspace, yspace, xspace) is volume-major, sharded: one shard (one
+  object) per ``block`` experiments, holding inner chunks of ``volume_chunk`` experiments. xarray
+  makes its Dask chunks of the inner chunks, so a plain ``xr.open_zarr(path)`` builds a graph of
+  26,078 / 8 chunks, not 26,078, and a volume read decodes one inner chunk. blosc zstd level 1
+  with byte shuffle.
 - ``expression_by_voxel`` (zspace, yspace, xspace, experiment) is a voxel-major copy, chunked
-  ``by_voxel_chunk`` voxels × ``block`` experiments: one voxel's profile over 26,078
-  experiments is 51 chunk reads instead of 26,078, and a scan reads 11,000 chunks instead of
-  26,078. It is rebuilt one block of slots at a time, only for blocks whose members changed.
-  blosc lz4 with byte shuffle: decoded 4× faster than zstd, for scans.
+  ``by_voxel_chunk`` voxels × ``block`` experiments, sharded by ``by_voxel_shard_z`` planes × the
+  whole plane × ``block`` experiments: one voxel's profile over 26,078 experiments is 51 inner
+  chunk reads, a scan reads each inner chunk once. blosc lz4 with byte shuffle: decoded 4× faster
+  than zstd, for scans.
+- Both are written only by the publisher, one block (``block`` slots) at a time and only for
+  blocks whose members changed; conversion workers write each experiment's grid once, as a staged
+  object (``staged/{experiment}/{volume}``, blosc lz4: cheap to write and to read back).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ if TYPE_CHECKING:
 
     from ambasync.geometry import Geometry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what readers see (docs/cube.md); unchanged by the storage layout below
+LAYOUT_VERSION = 2  # the store's own layout: 2 sharded, members in one table; 1 (no key): one file per slot
 STORE_NAME = CUBE_NAME  # inside the output folder (paths.py holds the layout)
 DIMS = ("zspace", "yspace", "xspace")
 VARIABLE_OF_VOLUME = {"energy": "expression", "density": "density", "intensity": "intensity"}
@@ -44,7 +50,14 @@ CATALOGUE_COLUMNS = STRING_COLUMNS + FLOAT_COLUMNS + INT_COLUMNS
 # Coordinates along ``experiment`` are chunked by this many entries whatever the cube's size, so
 # a reader holding the previous metadata still decodes a freshly written chunk (see publish).
 COORD_CHUNK = 1 << 16
-META = ".ambasync"  # the store's own records (slots, members, blocks, lease), inside cube.zarr
+META = ".ambasync"  # the store's own records (members, staged grids, blocks, lease), inside cube.zarr
+SETTINGS_KEY = f"{META}/settings.json"
+MEMBERS_KEY = f"{META}/members.json.gz"  # the published member table (written by the publisher only)
+INTENT_KEY = f"{META}/publishing.json"  # blocks a publish is rewriting (a killed one's are redone)
+LEASE_KEY = f"{META}/publish.lease"
+STAGED = f"{META}/staged"  # staged/{experiment}/{volume}: a converted grid waiting for the publish
+RECORDS = f"{META}/records"  # records/{name}.json: a writer's batch of members added or removed
+BLOCKS = f"{META}/blocks"  # blocks/{block}.npz: per-plane counts of experiments with data
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,8 @@ class Codec:
 
 # The voxel-major copy is read whole by scans: lz4 decodes 4× faster than zstd, for 12 % more bytes.
 BY_VOXEL_CODEC = Codec("lz4", 5, "shuffle")
+# A staged grid is written once by a worker and read once by the publisher: the fastest codec.
+STAGED_CODEC = Codec("lz4", 5, "shuffle")
 
 
 @dataclass(frozen=True)
@@ -71,22 +86,36 @@ class CubeSettings:
     volumes: tuple[str, ...] = ("energy",)
     source_url: str = ""
     by_voxel: bool = True  # keep the voxel-major copy (fast voxel profiles; doubles the size)
-    block: int = 512  # experiments per voxel-major chunk (and per rebuild batch: block × 637 KB in memory)
+    block: int = 512  # experiments per shard and per voxel-major chunk (one publish task: one block)
+    volume_chunk: int = 8  # experiments per inner chunk of expression (a volume read decodes this many)
     by_voxel_chunk: tuple[int, int, int] = (8, 8, 16)  # voxels per voxel-major chunk, (z, y, x)
+    by_voxel_shard_z: int = 24  # planes per voxel-major shard (a multiple of by_voxel_chunk[0])
     codec: Codec = Codec()  # the volume-major variables
     by_voxel_codec: Codec = BY_VOXEL_CODEC
 
     def identity(self) -> dict:
         """The settings that must match for two writes to go into one store."""
         return {
-            "orientation": self.orientation, "space": self.space, "expansion": float(self.expansion),
+            "layout": LAYOUT_VERSION, "orientation": self.orientation, "space": self.space, "expansion": float(self.expansion),
             "volumes": list(self.volumes), "by_voxel": self.by_voxel, "block": self.block,
-            "by_voxel_chunk": list(self.by_voxel_chunk),
+            "volume_chunk": self.volume_chunk, "by_voxel_chunk": list(self.by_voxel_chunk),
+            "by_voxel_shard_z": self.by_voxel_shard_z,
             "codec": _codec_doc(self.codec), "by_voxel_codec": _codec_doc(self.by_voxel_codec),
         }
 
     def variables(self) -> tuple[str, ...]:
         return tuple(VARIABLE_OF_VOLUME[v] for v in self.volumes)
+
+    @property
+    def inner(self) -> int:
+        """Experiments per inner chunk of the volume-major arrays (divides ``block``)."""
+        return math.gcd(self.block, self.volume_chunk)
+
+    @property
+    def zshard(self) -> int:
+        """Planes per voxel-major shard (a whole number of voxel-major chunks)."""
+        cz = self.by_voxel_chunk[0]
+        return -(-self.by_voxel_shard_z // cz) * cz
 
 
 def _codec_doc(codec: Codec) -> dict:
@@ -101,8 +130,8 @@ def validate(settings: CubeSettings) -> None:
     unknown = [v for v in settings.volumes if v not in VARIABLE_OF_VOLUME]
     if unknown or "energy" not in settings.volumes:
         raise ValueError(f"volumes must include energy and be among {tuple(VARIABLE_OF_VOLUME)}, not {unknown}")
-    if settings.block < 1 or min(settings.by_voxel_chunk) < 1:
-        raise ValueError("block and by_voxel_chunk must be positive")
+    if settings.block < 1 or min(settings.by_voxel_chunk) < 1 or settings.volume_chunk < 1:
+        raise ValueError("block, volume_chunk and by_voxel_chunk must be positive")
 
 
 def blosc(codec: Codec):
@@ -114,9 +143,25 @@ def blosc(codec: Codec):
                           "bitshuffle": Blosc.BITSHUFFLE}[codec.shuffle])
 
 
-def chunk_key(variable: str, slot: int) -> str:
-    """Store key of a volume-major chunk: zarr v3's default ``c/`` key encoding, one chunk per slot."""
-    return f"{variable}/c/{slot}/0/0/0"
+def shard_key(variable: str, block: int) -> str:
+    """Store key of a volume-major shard (``block`` slots): zarr v3's default ``c/`` key encoding."""
+    return f"{variable}/c/{block}/0/0/0"
+
+
+def by_voxel_shard_key(z_shard: int, block: int) -> str:
+    return f"{BY_VOXEL}/c/{z_shard}/0/0/{block}"
+
+
+def by_voxel_shard_shape(settings: CubeSettings) -> tuple[int, int, int, int]:
+    """A voxel-major shard: ``by_voxel_shard_z`` planes, every row and column (rounded up to whole
+    inner chunks), ``block`` experiments."""
+    sizes = geometry(settings).sizes
+    cz, cy, cx = settings.by_voxel_chunk
+    return (settings.zshard, -(-sizes[1] // cy) * cy, -(-sizes[2] // cx) * cx, settings.block)
+
+
+def staged_key(experiment_id: int, volume: str) -> str:
+    return f"{STAGED}/{experiment_id}/{volume}"
 
 
 def block_of(slot: int, block: int) -> int:

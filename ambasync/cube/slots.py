@@ -1,41 +1,53 @@
 """The cube's own membership records: which slot holds which experiment, with which grids.
 
-They live inside the store (``cube.zarr/.ambasync/``), so the store describes itself and
-every writer on every machine sees the same truth through the shared filesystem, with no
-lock service. Only two filesystem operations are relied on, both atomic on local disks and
-on NFS: ``mkdir`` (taking the publish lease) and ``rename`` (claiming a slot: a folder made
-whole, then renamed to the slot's name; every file: written under a temporary name, then
-renamed, :func:`ambasync.files.atomic_path`).
+They live inside the store (``cube.zarr/.ambasync/``), so the store describes itself and every
+writer on every machine sees the same truth through the store alone (a shared filesystem or an
+object store), with no lock service:
 
-- ``slots/{slot}/`` exists: the slot is claimed (``claim.json`` says for which experiment, by
-  which writer). A claim is a folder renamed into place, so two writers never get one slot.
-- ``slots/{slot}/member.json``: the slot's chunks hold that experiment's grids, whose
-  :func:`~ambasync.cube.layout.values_sha256` is recorded per volume. Written after the chunks, so a
-  record never points at data that is not there.
+- ``members.json.gz``: the published member table, one row per slot (slot, experiment, sha256 of
+  each volume's values, catalogue fields). Written only by the publisher, under the lease, after
+  the arrays it describes.
+- ``records/{time}-{writer}-{pid}-{seq}.json``: a writer's batch of changes (experiments added,
+  with the sha256 of their staged grids; experiments removed). Each batch is a new object only
+  its writer ever writes, made after the grids it names are staged, so a record never points at
+  data that is not there; the run writes them from a thread, a batch every few hundred
+  experiments or seconds, never once per experiment in the event loop.
+- ``staged/{experiment}/{volume}``: a converted grid waiting for the publish (the worker's).
+- ``publish.lease``: held while a writer publishes (created only if absent: ``link(2)`` on a disk,
+  ``If-None-Match: *`` on S3).
+
+Slots are given out by the publisher, not by the writers: a writer never claims anything, so two
+shards (on one machine or several) cannot collide, and a run's event loop does no I/O per
+experiment for the cube.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import gzip
+import hashlib
 import json
 import os
+import re
 import socket
+import threading
 import time
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from ambasync.errors import RunError
-from ambasync.files import atomic_path
+from ambasync.cube.layout import LEASE_KEY, MEMBERS_KEY, RECORDS
 
-SLOT_DIGITS = 8
+if TYPE_CHECKING:
+    from ambasync.cube.kv import KV
+
+RECORD_BATCH = 256  # records per batch object
+RECORD_SECONDS = 5.0  # ... or a batch at least this often while a run records
 
 
 @dataclass(frozen=True)
 class Member:
-    """An experiment in the cube: its slot, the sha256 of each volume's values
+    """An experiment in the cube: its slot (-1 until published), the sha256 of each volume's values
     (:func:`~ambasync.cube.layout.values_sha256`; ``sha256`` is energy's), its catalogue fields."""
 
     slot: int
@@ -45,150 +57,138 @@ class Member:
     fields: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-@dataclass(frozen=True)
-class Claim:
-    slot: int
-    experiment_id: int
-    writer: str
-
-
 class CubeBusyError(RunError):
     """Another writer held the publish lease for longer than we were willing to wait."""
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, sort_keys=True))
+# -- the published member table -----------------------------------------------------------------
+
+def version_of(members: Mapping[int, Member]) -> str:
+    """The cube's version: a digest of what it holds (slot, experiment, values), so the same
+    content always has the same version and any change of a value changes it."""
+    doc = [(slot, m.experiment_id, sorted(m.volumes.items())) for slot, m in sorted(members.items())]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (ValueError, UnicodeDecodeError):
-        return None  # cannot happen with atomic writes; treated as absent, so the slot is redone
+def read_members(kv: KV) -> dict[int, Member]:
+    blob = kv.get(MEMBERS_KEY)
+    if blob is None:
+        return {}
+    doc = json.loads(gzip.decompress(blob))
+    return {row[0]: Member(row[0], row[1], row[2]["energy"], row[2], row[3]) for row in doc["members"]}
 
 
-def _claim_doc(experiment_id: int, writer: str) -> dict:
-    return {"experiment_id": experiment_id, "writer": writer, "host": socket.gethostname(), "pid": os.getpid(),
-            "time": time.time()}
+def members_blob(members: Mapping[int, Member], version: str, updated: str) -> bytes:
+    rows = [[slot, m.experiment_id, m.volumes, m.fields] for slot, m in sorted(members.items())]
+    return gzip.compress(json.dumps({"version": version, "updated": updated, "members": rows},
+                                    separators=(",", ":")).encode(), compresslevel=5)
 
 
-def _member(slot: int, doc: dict) -> Member:
-    return Member(slot, int(doc["experiment_id"]), doc["sha256"], doc.get("volumes", {}), doc.get("fields", {}))
+# -- writers' record batches --------------------------------------------------------------------
 
-
-class Slots:
-    """Slot claims and member records of one store (``root`` = ``cube.zarr/.ambasync``)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.dir = self.root / "slots"
-
-    def _slot_dir(self, slot: int) -> Path:
-        return self.dir / f"{slot:0{SLOT_DIGITS}d}"
-
-    def taken(self) -> set[int]:
-        """Slots claimed now (with or without a member)."""
+def read_records(kv: KV) -> list[tuple[str, dict]]:
+    """Every record batch in the store, oldest first (their names start with the time)."""
+    out = []
+    for key in sorted(kv.list(RECORDS)):
+        blob = kv.get(key)
+        if blob is None:
+            continue  # applied and removed by a publisher meanwhile
         try:
-            return {int(name) for name in os.listdir(self.dir) if name.isdigit()}
-        except FileNotFoundError:
-            return set()
+            out.append((key, json.loads(blob)))
+        except ValueError:
+            continue  # cannot happen with whole-object writes; ignored
+    return out
 
-    def scan(self) -> tuple[dict[int, Member], dict[int, Claim]]:
-        """(members by slot, claims without a member by slot): one pass over the records."""
-        members: dict[int, Member] = {}
-        orphans: dict[int, Claim] = {}
-        for slot in sorted(self.taken()):
-            d = self._slot_dir(slot)
-            doc = _read_json(d / "member.json")
-            if doc is not None:
-                members[slot] = _member(slot, doc)
-                continue
-            claim = _read_json(d / "claim.json")
-            if claim is not None:
-                orphans[slot] = Claim(slot, int(claim["experiment_id"]), claim.get("writer", ""))
-            else:  # claimed, killed before claim.json: nobody can tell whose; any writer may reuse it
-                orphans[slot] = Claim(slot, -1, "")
-        return members, orphans
 
-    def claim(self, experiment_id: int, writer: str, taken: set[int], start: int = 0) -> int:
-        """Take the lowest free slot at or above ``start`` for ``experiment_id``. ``taken`` is the
-        caller's view of claimed slots (kept up to date here); the rename settles any race."""
-        slot = start
-        while True:
-            while slot in taken:
-                slot += 1
-            taken.add(slot)
-            if self.claim_free(slot, experiment_id, writer):
-                return slot
+def apply_records(by_id: dict[int, Member], records: list[tuple[str, dict]]) -> dict[int, Member]:
+    """The membership ``by_id`` (experiment -> Member) after ``records``: what a writer sees as held."""
+    out = dict(by_id)
+    for _, doc in records:
+        for eid in doc.get("remove", []):
+            out.pop(int(eid), None)
+        for eid, volumes, fields in doc.get("add", []):
+            old = out.get(int(eid))
+            out[int(eid)] = Member(old.slot if old else -1, int(eid), volumes["energy"], volumes, fields)
+    return out
 
-    def sweep(self, older_than: float = 3600.0) -> None:
-        """Remove half-made claim folders a killed writer left (old enough not to be in flight)."""
-        for tmp in self.dir.glob(".claim-*") if self.dir.is_dir() else ():
-            with contextlib.suppress(OSError):
-                if time.time() - tmp.stat().st_mtime > older_than:
-                    for leftover in tmp.iterdir():
-                        leftover.unlink(missing_ok=True)
-                    tmp.rmdir()
 
-    def claim_age(self, slot: int) -> float:
-        """Seconds since the slot was claimed (by its folder's time: no clock in the record needed)."""
-        try:
-            return time.time() - self._slot_dir(slot).stat().st_mtime
-        except FileNotFoundError:
-            return 0.0
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40] or "writer"
 
-    def claim_of(self, slot: int) -> Claim | None:
-        doc = _read_json(self._slot_dir(slot) / "claim.json")
-        return None if doc is None else Claim(slot, int(doc["experiment_id"]), doc.get("writer", ""))
 
-    def claim_free(self, slot: int, experiment_id: int, writer: str) -> bool:
-        """Claim exactly ``slot`` if it is free; False if anyone holds it. The claim is made whole
-        in a hidden folder and renamed to the slot's name: a kill never leaves a claim without
-        its claim.json, and of two writers renaming to one name, the second fails (ENOTEMPTY)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".claim-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            _write_json(tmp / "claim.json", _claim_doc(experiment_id, writer))
-            os.rename(tmp, self._slot_dir(slot))
-        except OSError as exc:
-            for leftover in tmp.glob("*") if tmp.exists() else ():
-                leftover.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                tmp.rmdir()
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                return False
-            raise
-        return True
+class RecordLog:
+    """One writer's records, batched into new objects from a thread (``kv``: where they go)."""
 
-    def write_claim(self, slot: int, experiment_id: int, writer: str) -> None:
-        _write_json(self._slot_dir(slot) / "claim.json", _claim_doc(experiment_id, writer))
+    def __init__(self, kv: KV, writer: str):
+        self.kv = kv
+        self.prefix = f"{_slug(writer)}-{_slug(socket.gethostname())}-{os.getpid()}"
+        self._pending: dict = {"add": [], "remove": []}
+        self._seq = 0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
-    def write_member(self, member: Member) -> None:
-        """Record that the slot's chunks now hold ``member`` (call after writing them)."""
-        _write_json(self._slot_dir(member.slot) / "member.json", {
-            "experiment_id": member.experiment_id, "sha256": member.sha256, "volumes": member.volumes,
-            "fields": member.fields})
+    def add(self, experiment_id: int, volumes: dict, fields: dict) -> None:
+        self._pending["add"].append([experiment_id, volumes, fields])
+        self._maybe_flush()
 
-    def read_member(self, slot: int) -> Member | None:
-        doc = _read_json(self._slot_dir(slot) / "member.json")
-        return None if doc is None else _member(slot, doc)
+    def remove(self, experiment_id: int) -> None:
+        self._pending["remove"].append(experiment_id)
+        self._maybe_flush()
 
-    def unrecord(self, slot: int) -> None:
-        """The slot no longer holds an experiment (its claim stays until :meth:`release`)."""
-        (self._slot_dir(slot) / "member.json").unlink(missing_ok=True)
+    def _maybe_flush(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        n = len(self._pending["add"]) + len(self._pending["remove"])
+        if n >= RECORD_BATCH or (n and time.monotonic() - self._last > RECORD_SECONDS):
+            self._start_flush()
 
-    def release(self, slot: int) -> None:
-        """Free the slot for any writer."""
-        d = self._slot_dir(slot)
-        for name in ("member.json", "claim.json"):
-            (d / name).unlink(missing_ok=True)
-        with contextlib.suppress(FileNotFoundError, OSError):
-            d.rmdir()
+    def _take(self) -> tuple[str, bytes] | None:
+        doc = self._pending
+        if not doc["add"] and not doc["remove"]:
+            return None
+        self._pending = {"add": [], "remove": []}
+        self._seq += 1
+        self._last = time.monotonic()
+        name = f"{RECORDS}/{time.time_ns():020d}-{self.prefix}-{self._seq:06d}.json"
+        return name, json.dumps(doc, separators=(",", ":")).encode()
 
+    def _write(self, item: tuple[str, bytes]) -> None:
+        with self._lock:  # batches in order
+            self.kv.put(*item)
+
+    def _start_flush(self) -> None:
+        item = self._take()
+        if item is None:
+            return
+        if self._thread is not None:
+            self._thread.join()
+
+        def run() -> None:
+            try:
+                self._write(item)
+            except BaseException as exc:  # noqa: BLE001  raised in the caller at its next record or flush
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="cube-records", daemon=True)
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Every record so far written (blocking)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        item = self._take()
+        if item is not None:
+            self._write(item)
+
+
+# -- the publish lease --------------------------------------------------------------------------
 
 def _dead_here(holder: dict) -> bool:
     """The lease's holder ran on this machine and its process is gone (killed): no need to wait."""
@@ -204,43 +204,35 @@ def _dead_here(holder: dict) -> bool:
 
 
 @contextlib.contextmanager
-def lease(root: Path, writer: str, wait_seconds: float, stale_seconds: float,
-          poll_seconds: float = 0.2) -> Iterator[None]:
-    """Hold the store's publish lease (``mkdir``; works across machines over NFS, where
-    ``flock`` does not). A lease older than ``stale_seconds``, or held by a process of this
-    machine that no longer exists, belongs to a writer that died: it is broken by renaming it
-    aside (only one breaker can win the rename). Clocks of the machines sharing a store must
-    agree to well within ``stale_seconds``."""
-    path = Path(root) / "publish.lease"
+def lease(kv: KV, writer: str, wait_seconds: float, stale_seconds: float, poll_seconds: float = 0.2,
+          ) -> Iterator[None]:
+    """Hold the store's publish lease (an object created only if absent). A lease older than
+    ``stale_seconds``, or held by a process of this machine that no longer exists, belongs to a
+    writer that died: it is removed and taken again (two breakers: one creation wins). Clocks of
+    the machines sharing a store must agree to well within ``stale_seconds``."""
+    doc = {"writer": writer, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+           "token": os.urandom(8).hex()}
+    mine = json.dumps(doc).encode()
     deadline = time.monotonic() + wait_seconds
-    while True:
+    while not kv.create(LEASE_KEY, mine):
+        raw = kv.get(LEASE_KEY)
+        if raw is None:
+            continue  # released meanwhile
         try:
-            os.mkdir(path)
-            break
-        except FileExistsError:
-            holder = _read_json(path / "holder.json") or {}
-            try:
-                since = float(holder.get("time", path.stat().st_mtime))
-            except FileNotFoundError:
-                continue  # released meanwhile
-            if time.time() - since > stale_seconds or _dead_here(holder):
-                broken = path.with_name(f"publish.lease.broken-{uuid.uuid4().hex}")
-                with contextlib.suppress(FileNotFoundError, OSError):
-                    os.rename(path, broken)
-                    for child in broken.iterdir():
-                        child.unlink(missing_ok=True)
-                    broken.rmdir()
-                continue
-            if time.monotonic() > deadline:
-                raise CubeBusyError(
-                    f"{path.parent.parent} is being updated by {holder.get('writer', '?')} on "
-                    f"{holder.get('host', '?')} (pid {holder.get('pid', '?')}): run again when it is done") from None
-            time.sleep(poll_seconds)
+            holder = json.loads(raw)
+        except ValueError:
+            holder = {}
+        if time.time() - float(holder.get("time", 0)) > stale_seconds or _dead_here(holder):
+            if kv.get(LEASE_KEY) == raw:  # still the dead holder's: remove it, then race to create
+                kv.delete(LEASE_KEY)
+            continue
+        if time.monotonic() > deadline:
+            raise CubeBusyError(
+                f"{kv.location} is being updated by {holder.get('writer', '?')} on {holder.get('host', '?')} "
+                f"(pid {holder.get('pid', '?')}): run again when it is done") from None
+        time.sleep(poll_seconds)
     try:
-        _write_json(path / "holder.json", {"writer": writer, "host": socket.gethostname(), "pid": os.getpid(),
-                                           "time": time.time()})
         yield
     finally:
-        (path / "holder.json").unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.rmdir()
+        if kv.get(LEASE_KEY) == mine:
+            kv.delete(LEASE_KEY)

@@ -1,11 +1,12 @@
-"""Write one volume of one experiment into its cube slot, in a conversion worker.
+"""Write one volume of one experiment for the cube, in a conversion worker.
 
-The worker writes only its slot's own chunk file (one per variable), atomically; nothing
-shared, so it needs no lock and can run in any process on any machine that sees the store.
-The member record (written by the main process once every volume of the experiment is in
-place: :meth:`ambasync.cube.store.Cube.record`) and everything shared (array shapes,
-coordinates, the voxel-major copy: :meth:`~ambasync.cube.store.Cube.publish`) are not the
-worker's job.
+The worker writes only its experiment's own staged object (``.ambasync/staged/{id}/{volume}``
+under the stage folder: the local store itself, or for a store at a URL the run's local stage),
+atomically, encoded with the fastest codec (blosc lz4); nothing shared, so it needs no lock and
+can run in any process on any machine. The record (written by the main process in batches once
+every volume of the experiment is staged: :meth:`ambasync.cube.store.Cube.record`) and everything
+shared (the sharded arrays, coordinates, the voxel-major copy, the member table:
+:meth:`~ambasync.cube.store.Cube.publish`) are not the worker's job.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 from ambasync.errors import DiskFullError, disk_full
 from ambasync.files import atomic_path
 from ambasync.cube import layout
-from ambasync.cube.slots import Slots
 
 if TYPE_CHECKING:
     from ambasync.geometry import Geometry
@@ -32,14 +32,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CubeWrite:
-    """One volume in its slot: what the main process records (returned by the worker)."""
+    """One volume staged: what the main process records (returned by the worker)."""
 
-    slot: int
+    slot: int  # the experiment id (the staged object's key)
     volume: str
-    sha256: str  # layout.values_sha256 of the values now in the slot
-    path: str  # the chunk file
-    size: int  # the chunk file's bytes
-    written: bool  # False: the slot already held exactly these values; no byte was touched
+    sha256: str  # layout.values_sha256 of the values staged
+    path: str  # the staged file
+    size: int  # its bytes
+    written: bool = True
 
 
 def _store_layout(store: str) -> tuple[tuple[int, ...], dict]:
@@ -56,52 +56,49 @@ def _read_layout(store: str, inode: int, mtime_ns: int) -> tuple[tuple[int, ...]
     return tuple(layout.geometry(settings).sizes), doc["codec"]
 
 
-def write_slot(store: str | Path, slot: int, volume: str, data: np.ndarray) -> CubeWrite:
-    """Put ``data`` (one volume, reoriented as the MINC files, float32, the cube's volume shape)
-    into ``slot`` of the store. If the slot's member record says it already holds these exact
-    values, nothing is written (a re-zipped or re-converted grid leaves the store untouched)."""
-    store = Path(store)
-    sizes, codec = _store_layout(str(store))
+def write_slot(stage: str | Path, key: int, volume: str, data: np.ndarray) -> CubeWrite:
+    """Stage ``data`` (one volume, reoriented as the MINC files, float32, the cube's volume shape)
+    for experiment ``key`` under the stage folder ``stage``."""
+    stage = Path(stage)
+    sizes, _ = _store_layout(str(stage))
     if tuple(data.shape) != sizes:
-        raise ValueError(f"slot {slot}: {volume} volume of shape {data.shape} does not fit the cube at {store} "
-                         f"({sizes})")
+        raise ValueError(f"experiment {key}: {volume} volume of shape {data.shape} does not fit the cube staged at "
+                         f"{stage} ({sizes})")
     values = np.ascontiguousarray(data, dtype="<f4")
     sha = layout.values_sha256(values)
-    chunk = store / layout.chunk_key(layout.VARIABLE_OF_VOLUME[volume], slot)
-    current = Slots(store / layout.META).read_member(slot)
-    if current is not None and current.volumes.get(volume) == sha and chunk.exists():
-        return CubeWrite(slot, volume, sha, str(chunk), chunk.stat().st_size, False)
-    blob = layout.blosc(layout.Codec(**codec)).encode(values)
+    blob = layout.blosc(layout.STAGED_CODEC).encode(values)
+    path = stage / layout.staged_key(key, volume)
     try:
-        chunk.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(chunk) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
             tmp.write_bytes(blob)
     except OSError as exc:
         if disk_full(exc):
-            raise DiskFullError(f"no space left on the device holding {store} while writing slot {slot}: "
-                                "free space, then run again (the previous cube is still readable)") from exc
+            raise DiskFullError(f"no space left on the device holding {stage} while staging experiment {key}: "
+                                "free space, then run again (the published cube is still readable)") from exc
         raise
-    return CubeWrite(slot, volume, sha, str(chunk), len(blob), True)
+    return CubeWrite(key, volume, sha, str(path), len(blob), True)
 
 
-def slot_sha256(store: str | Path, slot: int, volume: str) -> str | None:
-    """sha256 of the values a slot holds now (:func:`layout.values_sha256`), decoded from its
-    chunk; None if the chunk is missing or unreadable. What ``verify`` compares with the state's
-    sha256 for a cube output (the chunk file's own bytes are not what the state records)."""
-    store = Path(store)
+def slot_sha256(location: str | Path, slot: int, volume: str) -> str | None:
+    """sha256 of the values a published slot holds (:func:`layout.values_sha256`), decoded from its
+    shard; None if the shard is missing or damaged. What ``verify`` compares with the member
+    record (a shard's bytes are not what is recorded)."""
+    from ambasync.cube.publish import read_slot
+
     try:
-        _, codec = _store_layout(str(store))
-        blob = (store / layout.chunk_key(layout.VARIABLE_OF_VOLUME[volume], slot)).read_bytes()
-        return layout.values_sha256(np.frombuffer(layout.blosc(layout.Codec(**codec)).decode(blob), dtype="<f4"))
+        values = read_slot(str(location), slot, layout.VARIABLE_OF_VOLUME[volume])
     except (OSError, ValueError, RuntimeError, KeyError):
         return None
+    return None if values is None else layout.values_sha256(values)
 
 
 @dataclass(frozen=True)
 class CubeWriter:
     """The cube's output writer for the conversion worker (``ambasync.mirror.formats.writers.WRITERS["cube"]``):
-    ``target.path`` is the store (relative to the output folder), ``target.index`` the slot.
-    Returns the chunk file and the sha256 of the values (:func:`layout.values_sha256`)."""
+    ``target.path`` is the stage folder (relative to the output folder: the store itself, or the
+    run's stage of a store at a URL), ``target.index`` the experiment. Returns the staged file and
+    the sha256 of the values (:func:`layout.values_sha256`)."""
 
     settings: ConvertSettings
 
@@ -109,6 +106,6 @@ class CubeWriter:
         from ambasync.imaging.minc import Written
 
         if target.index is None:
-            raise ValueError(f"cube target {target} has no slot: Cube.slot_for gives it before submit")
+            raise ValueError(f"cube target {target} has no experiment: Cube.slot_for gives it before submit")
         w = write_slot(Path(out) / target.path, target.index, target.volume, data)
         return Written(w.path, w.sha256, w.size)

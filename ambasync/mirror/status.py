@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 from ambasync.config import Config
 from ambasync.mirror.outdir import check_output_folder
@@ -16,18 +17,28 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def print_cube(paths: Paths) -> None:
-    """The cube, as its readers see it (the last publish): experiments, size, last update."""
-    if not paths.cube.is_dir():
-        return
-    from ambasync.cube import cube_summary
+def print_cube(paths: Paths, location: str | None = None) -> None:
+    """The cube, as its readers see it (the last publish): experiments, size, last update, version.
+    ``location``: ``[output] cube`` (a folder or a URL); default ``{out}/cube.zarr``."""
+    from ambasync.cube.kv import is_remote
 
-    cube = cube_summary(paths.cube)
-    if cube.settings is None and not cube.experiments:
-        print(f"\ncube {paths.cube}: not readable yet (the next run publishes it), {cube.size_bytes / 1e6:.1f} MB")
+    location = str(location or paths.cube)
+    if not is_remote(location) and not Path(location).is_dir():
         return
-    print(f"\ncube {paths.cube}: {cube.experiments} experiments, {cube.size_bytes / 1e6:.1f} MB on disk, "
-          f"last update {cube.updated or '-'}")
+    from ambasync.cube import CubeStoreError, cube_summary
+
+    try:
+        cube = cube_summary(location)
+    except CubeStoreError as exc:
+        print(f"\n{exc}")
+        return
+    if not cube.exists:
+        return
+    if cube.settings is None and not cube.experiments:
+        print(f"\ncube {location}: not readable yet (the next run publishes it), {cube.size_bytes / 1e6:.1f} MB")
+        return
+    print(f"\ncube {location}: {cube.experiments} experiments, {cube.size_bytes / 1e6:.1f} MB on disk, "
+          f"last update {cube.updated or '-'}" + (f", version {cube.version}" if cube.version else ""))
 
 
 def print_status(cfg: Config, failures: int = 20) -> int:
@@ -50,7 +61,9 @@ def print_status(cfg: Config, failures: int = 20) -> int:
             print(f"  #{run['run_id']} {_when(run['started'])} {outcome}: {summary.get('done', 0)} done, "
                   f"{summary.get('failed', 0)} failed, {summary.get('skipped', 0)} skipped, "
                   f"{summary.get('duration_s', 0):.0f} s")
-        print_cube(paths)
+        from ambasync.mirror.formats.outputs import cube_location
+
+        print_cube(paths, cube_location(cfg, paths))
         rows = state.failures(failures)
         if rows:
             print(f"\nfailures (first {failures}):")

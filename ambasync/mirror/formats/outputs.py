@@ -103,23 +103,29 @@ class FileOutput:
 
 
 class CubeOutput:
-    """``{out}/cube.zarr``: every experiment's exact grids in one Zarr store (docs/cube.md).
+    """The cube (``[output] cube``: default ``{out}/cube.zarr``, or any fsspec URL such as
+    ``s3://bucket/cube.zarr``): every experiment's exact grids in one Zarr store (docs/cube.md).
 
-    The store keeps its own membership (slot records inside it), so the state records no
-    cube output. Before a job is submitted the experiment gets its slot; the worker writes
-    the slot's chunk (:class:`ambasync.cube.CubeWriter`); once the Done is recorded the slot's
-    member record makes it part of the cube; at the end the shared parts are published.
+    The store keeps its own membership (records inside it), so the state records no cube output.
+    The worker stages each converted experiment (:class:`ambasync.cube.CubeWriter`: into the
+    store's own stage when it is a folder, else into ``{out}/.ambasync/cube-stage``); once the
+    Done is recorded, the experiment is recorded for the cube (in memory, written in batches from
+    a thread: no I/O per experiment in the event loop); at the end the store is published.
     """
 
     name = "cube"
 
-    def __init__(self, path: Path, settings: CubeSettings, workers: int, shard: tuple[int, int] | None):
-        self.path = path
+    def __init__(self, path: Path | str, settings: CubeSettings, workers: int, shard: tuple[int, int] | None,
+                 stage: Path | None = None, out: Path | None = None):
+        self.path = path  # a folder or a URL
         self.settings = settings
         self.workers = workers
         self.shard = shard
+        self.stage = stage  # where a store at a URL is staged locally
+        self.out = out
         self._cube: Cube | None = None
         self._peeked: set[int] = set()  # a dry run's view of the members
+        self._target_path = CUBE_NAME
 
     @classmethod
     def from_config(cls, cfg: Config, paths: Paths) -> "CubeOutput":
@@ -129,7 +135,8 @@ class CubeOutput:
         settings = CubeSettings(orientation=c.orientation, space=c.space, expansion=c.expansion,
                                 volumes=tuple(c.volumes), source_url=cfg.source.base_url,
                                 by_voxel=cfg.output.cube_voxel_major)
-        return cls(paths.cube, settings, cfg.workers, cfg.shard)
+        return cls(cube_location(cfg, paths), settings, cfg.workers, cfg.shard,
+                   paths.meta / f"cube-stage{paths.suffix}", paths.out)
 
     @property
     def cube(self) -> Cube:
@@ -139,21 +146,33 @@ class CubeOutput:
 
     def begin(self, force: bool) -> None:
         from ambasync.cube import Cube
+        from ambasync.cube.kv import is_remote
 
         # The writer is the shard, not the machine: a shard's next run (a Kubernetes pod on
-        # another node) must compact the slots its earlier runs wrote. Claims record the host.
+        # another node) continues what its earlier runs recorded. Records name the host.
         writer = f"shard {self.shard[0]}/{self.shard[1]}" if self.shard else "unsharded"
-        self._cube = Cube.open(self.path, self.settings, writer=writer, force=force)
+        self._cube = Cube.open(self.path, self.settings, writer=writer, force=force, stage=self.stage)
         if self._cube.set_aside_to is not None:
             log.warning("the cube at %s could not be used as it was: kept as %s; building a new one",
                         self.path, self._cube.set_aside_to)
+        # What the workers get as the target's path: the stage, relative to the output folder if inside it.
+        stage = self._cube.stage
+        if self.out is not None and not is_remote(str(self.path)) and stage == Path(self.out) / CUBE_NAME:
+            self._target_path = CUBE_NAME
+        elif self.out is not None and stage.is_relative_to(self.out):
+            self._target_path = str(stage.relative_to(self.out))
+        else:
+            self._target_path = str(stage)
 
     def peek(self) -> None:
-        from ambasync.cube.layout import META
-        from ambasync.cube.slots import Slots
+        from ambasync.cube.kv import KV, is_remote, local_path
+        from ambasync.cube.slots import apply_records, read_members, read_records
 
-        members, _ = Slots(self.path / META).scan()
-        self._peeked = {m.experiment_id for m in members.values()}
+        if not is_remote(str(self.path)) and not local_path(str(self.path)).is_dir():
+            return
+        kv = KV.open(self.path)
+        published = {m.experiment_id: m for m in read_members(kv).values()}
+        self._peeked = set(apply_records(published, read_records(kv)))
 
     def holds(self, experiment_id: int) -> bool:
         if self._cube is None:
@@ -161,28 +180,34 @@ class CubeOutput:
         return self.cube.holds(experiment_id)
 
     def targets(self, row: Row, plane: str) -> tuple[Target, ...]:
-        return ()  # a slot is given only to experiments that are converted (before_submit)
+        return ()  # only experiments that are converted get a cube target (before_submit)
 
     def before_submit(self, job: Job) -> Job:
-        slot = self.cube.slot_for(job.row.experiment_id)
-        # The store's path is relative to the output folder, like every target's.
-        extra = tuple(Target(volume, CUBE_NAME, self.name, slot) for volume in self.settings.volumes)
+        key = self.cube.slot_for(job.row.experiment_id)
+        # The stage's path is relative to the output folder, like every target's.
+        extra = tuple(Target(volume, self._target_path, self.name, key) for volume in self.settings.volumes)
         return dataclasses.replace(job, targets=tuple(sorted((*job.targets, *extra))))
 
     def after_done(self, done: Done) -> None:
         shas = {t.volume: w.sha256 for t, w in done.written if t.format == self.name}
-        slot = next(t.index for t, _ in done.written if t.format == self.name)
-        self.cube.record(done.job.row.experiment_id, slot, shas, done.job.row.fields)
+        key = next(t.index for t, _ in done.written if t.format == self.name)
+        self.cube.record(done.job.row.experiment_id, key, shas, done.job.row.fields)
 
     def at_end(self, state: State, complete: bool, prune: bool) -> None:
         if complete and prune:
             gone = self.cube.prune(state.experiment_ids(), self.shard)
             if gone:
                 log.info("removed %d experiments the catalogue no longer lists from the cube", len(gone))
-        log.info("publishing the cube %s (coordinates, coverage, voxel-major copy)", self.path)
+        log.info("publishing the cube %s (shards, coverage, voxel-major copy)", self.path)
         result = self.cube.publish(workers=self.workers)
         if result.changed:
-            log.info("cube: %d experiments, %d voxel-major blocks rebuilt", result.experiments, result.blocks_rebuilt)
+            log.info("cube: %d experiments, %d blocks rebuilt, version %s", result.experiments,
+                     result.blocks_rebuilt, result.version)
+
+
+def cube_location(cfg: Config, paths: Paths) -> str:
+    """Where the run's cube lives: ``[output] cube`` (a folder or an fsspec URL), else ``{out}/cube.zarr``."""
+    return str(getattr(cfg.output, "cube", "") or paths.cube)
 
 
 # Format name -> its main-process side, made from the run's settings.
