@@ -354,3 +354,44 @@ def test_other_host_warns_that_there_is_no_authentication(tmp_path, capsys):
     assert "NO authentication" in err and code == 2  # warned, then the missing cube stops it before binding
     code = main(["view", "--out", str(tmp_path / "nothing"), "--port", "0"])
     assert "authentication" not in capsys.readouterr().err and code == 2
+
+
+async def test_the_app_answers_while_the_cube_opens(world):
+    """``view`` serves at once and opens the cube in a thread: the page needs no cube, the API
+    waits for it; a cube that cannot be opened is a 503 with one line."""
+    import threading
+
+    from ambasync.view.app import View, make_app
+
+    gate = threading.Event()
+
+    def slow() -> View:
+        gate.wait(30)
+        return View(str(world["store"]), coexpression=False)
+
+    async with TestClient(TestServer(make_app(slow), host="127.0.0.1")) as c:
+        assert (await c.get("/")).status == 200  # before the cube is open
+        pending = asyncio.ensure_future(c.get("/api/info"))
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        gate.set()
+        r = await pending
+        assert r.status == 200 and (await r.json())["experiments"] == len(world["experiments"])
+
+    bad = world["root"] / "bad.zarr"
+    bad.mkdir(exist_ok=True)
+    (bad / "zarr.json").write_text("{not json")
+    async with TestClient(TestServer(make_app(lambda: View(str(bad))), host="127.0.0.1")) as c:
+        body = await get_json(c, "/api/info", 503)
+        assert "could not be opened" in body["error"] and "\n" not in body["error"]
+
+
+def test_command_with_a_damaged_cube_says_so_in_one_line(world, capsys):
+    from ambasync.cli import main
+
+    bad = world["root"] / "bad2.zarr"
+    bad.mkdir(exist_ok=True)
+    (bad / "zarr.json").write_text("{not json")
+    code = main(["view", "--cube", str(bad), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "cannot open the cube" in err, err

@@ -49,7 +49,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     from ambasync.cube.read import cube_location, mirror_folder
     from ambasync.errors import AnalysisError
-    from ambasync.view.app import View, make_app
+    from ambasync.view.app import KEY, View, make_app
     from ambasync.view.coexpression import DEFAULT_BUDGET_MB
     from ambasync.view.data import ViewError
 
@@ -63,13 +63,18 @@ def cmd_view(args: argparse.Namespace) -> int:
     if not args.quiet:
         logging.getLogger("ambasync").setLevel(min(logging.getLogger("ambasync").getEffectiveLevel(), logging.INFO))
     location = cube_location(args.cube or mirror_folder(args.out))
-    try:
-        view = View(location, labels=args.labels, label_names=args.label_names, maps=args.maps,
+    if "://" not in location and not os.path.isdir(location):  # before binding: open_cube's own message
+        from ambasync.cube.read import open_cube
+
+        open_cube(location)
+
+    def open_view() -> View:
+        return View(location, labels=args.labels, label_names=args.label_names, maps=args.maps,
                     budget_mb=args.memory_budget or DEFAULT_BUDGET_MB, coexpression=not args.no_coexpression)
-    except ViewError as exc:
-        raise AnalysisError(str(exc)) from None
-    app = make_app(view)
+
+    app = make_app(open_view)
     host = f"[{args.host}]" if ":" in args.host else args.host
+    failed: list[BaseException] = []
 
     async def serve() -> None:
         import asyncio
@@ -78,13 +83,20 @@ def cmd_view(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
+        await runner.setup()  # starts opening the cube in a thread
         try:
             site = web.TCPSite(runner, args.host, args.port)
             await site.start()
             port = runner.addresses[0][1] if runner.addresses else args.port
-            print(f"ambasync view: http://{host}:{port}/  ({len(view.data.catalogue)} experiments from {location}; "
-                  f"Ctrl-C to stop)", flush=True)
+            print(f"ambasync view: http://{host}:{port}/  (opening {location}; Ctrl-C to stop)", flush=True)
+            opening = app[KEY]
+            try:
+                view = await opening.ready()
+            except ViewError as exc:
+                failed.append(exc)
+                return
+            if not args.quiet:
+                print(f"ambasync view: ready, {len(view.data.catalogue)} experiments", file=sys.stderr, flush=True)
             await stop.wait()
         finally:
             await runner.cleanup()  # removes the app's temporary folder (uploads, search pictures)
@@ -96,8 +108,9 @@ def cmd_view(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # the port is taken, the address is not ours
-        view.close()
         raise AnalysisError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    if failed:
+        raise AnalysisError(str(failed[0]).replace("the cube could not be opened: ", "", 1))
     return 0
 
 

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from aiohttp import web
@@ -38,7 +38,13 @@ CONTENT_TYPES = {".html": "text/html", ".js": "application/javascript", ".css": 
                  ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a 200 µm map is < 1 MB; a 40 µm float NIfTI ~ 100 MB gzipped to less
 MAX_NULLS = 1000
-KEY = web.AppKey("view", "View")
+KEY = web.AppKey("view", "Opening")
+
+
+def static_files() -> dict[str, tuple[bytes, str]]:
+    """The page's files: a fixed list read once from the package's static folder."""
+    return {p.name: (p.read_bytes(), CONTENT_TYPES.get(p.suffix, "application/octet-stream"))
+            for p in sorted(STATIC.iterdir()) if p.is_file() and p.suffix in CONTENT_TYPES}
 
 
 @dataclass
@@ -101,8 +107,6 @@ class View:
         self.coexpression = Coexpression(self.data, budget_mb)
         if coexpression:
             self.coexpression.start()
-        self.static = {p.name: (p.read_bytes(), CONTENT_TYPES.get(p.suffix, "application/octet-stream"))
-                       for p in sorted(STATIC.iterdir()) if p.is_file() and p.suffix in CONTENT_TYPES}
         self.tmp = Path(tempfile.mkdtemp(prefix="ambasync-view-"))
         self.uploads: dict[str, tuple[str, str]] = {}  # key -> (path, original name)
         self.jobs: dict[str, SearchJob] = {}
@@ -166,8 +170,33 @@ class View:
 
 # -------------------------------------------------------------------- helpers
 
+@dataclass
+class Opening:
+    """The view, or the future that opens it: ``view`` starts serving at once and opens the cube
+    (imports of xarray, zarr and dask: most of a start) in a thread meanwhile; API requests wait
+    for it, the page and its files do not."""
+
+    view: View | None = None
+    future: asyncio.Future | None = None
+    static: dict = field(default_factory=static_files)
+
+    async def ready(self) -> View:
+        if self.view is None:
+            assert self.future is not None
+            try:
+                self.view = await asyncio.shield(self.future)
+            except (ViewError, AnalysisError) as exc:
+                raise ViewError(f"the cube could not be opened: {exc}", 503) from None
+            except Exception as exc:  # a damaged store says many things; one line, no traceback
+                log.exception("view: opening the cube failed")
+                raise ViewError(f"the cube could not be opened: {type(exc).__name__}: {exc}", 503) from None
+        return self.view
+
+
 def _view(request: web.Request) -> View:
-    return request.app[KEY]
+    view = request.app[KEY].view
+    assert view is not None  # the middleware waited for it
+    return view
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -187,6 +216,8 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Every failure as JSON ``{"error": ...}``: 4xx for the request's fault, 500 with the
     exception's type for ours; never a traceback in a response."""
     try:
+        if request.path.startswith("/api/"):
+            await request.app[KEY].ready()
         response = await handler(request)
     except ViewError as exc:
         return _json({"error": str(exc)}, exc.status)
@@ -218,13 +249,13 @@ def _query(request: web.Request, name: str) -> str:
 # -------------------------------------------------------------------- handlers
 
 async def index(request: web.Request) -> web.Response:
-    body, ctype = _view(request).static["index.html"]
+    body, ctype = request.app[KEY].static["index.html"]
     return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "no-cache"})
 
 
 async def static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    hit = _view(request).static.get(name)
+    hit = request.app[KEY].static.get(name)
     if hit is None:  # a fixed list: ../, %2e%2e, absolute paths and symlinks never reach the disk
         raise ViewError(f"no static file {name!r}", 404)
     return web.Response(body=hit[0], content_type=hit[1], headers={"Cache-Control": "no-cache"})
@@ -425,10 +456,13 @@ async def not_found(request: web.Request) -> web.Response:
     raise ViewError(f"no such page: {request.path[:200]}", 404)
 
 
-def make_app(view: View, close_view: bool = True) -> web.Application:
-    """The app on ``view``; ``close_view``: its cleanup closes the view (pools, temporary folder)."""
+def make_app(view: View | Callable[[], View], close_view: bool = True) -> web.Application:
+    """The app on ``view``, or on the view ``view()`` opens in a thread once the app has started
+    (``python -m ambasync view`` answers at once, the cube opening meanwhile). ``close_view``: the
+    app's cleanup closes the view (pools, temporary folder)."""
     app = web.Application(middlewares=[errors], client_max_size=MAX_UPLOAD_BYTES + 64 * 1024)
-    app[KEY] = view
+    opening = Opening(view if isinstance(view, View) else None)
+    app[KEY] = opening
     r = app.router
     r.add_get("/", index)
     r.add_get("/static/{name}", static)
@@ -448,12 +482,27 @@ def make_app(view: View, close_view: bool = True) -> web.Application:
     r.add_get("/api/search/{job}/picture.png", search_png)
     r.add_route("*", "/{tail:.*}", not_found)
 
+    if opening.view is None:
+        async def start_opening(_: web.Application) -> None:
+            opening.future = asyncio.get_running_loop().run_in_executor(None, view)  # type: ignore[arg-type]
+
+        app.on_startup.append(start_opening)
+
     async def cleanup(_: web.Application) -> None:
-        view.close()
+        if opening.future is not None and not opening.future.done():
+            try:
+                await opening.future
+            except Exception:
+                pass
+        if opening.view is None and opening.future is not None and opening.future.done() \
+                and opening.future.exception() is None:
+            opening.view = opening.future.result()
+        if opening.view is not None:
+            opening.view.close()
 
     if close_view:
         app.on_cleanup.append(cleanup)
     return app
 
 
-__all__ = ["MAX_UPLOAD_BYTES", "View", "make_app"]
+__all__ = ["KEY", "MAX_UPLOAD_BYTES", "Opening", "View", "make_app"]

@@ -391,6 +391,7 @@
       else if (q.get("gene")) await chooseGene(q.get("gene"));
       if (q.get("gene") || q.get("experiment")) $("find").value = state.gene ? state.gene.gene : "";
     } catch (e) { showError(e); $("gene-name").textContent = e.message; }
+    document.body.dataset.readyMs = String(Math.round(performance.now()));  // navigation start -> slices drawn
     document.body.dataset.ready = "1";
   }
   start().catch(showError);
