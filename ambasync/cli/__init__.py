@@ -187,7 +187,7 @@ def cmd_replica(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ambasync.mirror.demo import run_demo
+    from ambasync.cli.demo import run_demo
 
     return run_demo(Path(args.out), args.experiments, quiet=args.quiet)
 

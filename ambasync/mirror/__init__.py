@@ -1,4 +1,4 @@
-"""The mirror: ``ambasync run`` and its companions (``status``, ``verify``, ``demo``).
+"""The mirror: ``ambasync run`` and its companions (``status``, ``verify``).
 
 The catalogue is read (:mod:`.source`, :mod:`.catalog`), filtered (:mod:`.selection`),
 decided row by row (:mod:`.decide`), fetched and converted (:mod:`.experiment`,

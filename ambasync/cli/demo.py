@@ -1,4 +1,5 @@
-"""`ambasync demo`: the whole pipeline against an in-process replica, no network needed."""
+"""`ambasync demo`: the whole pipeline against an in-process replica, no network needed (a command made of two
+parts, the replica and the mirror, so it lives with the command line rather than in either)."""
 
 from __future__ import annotations
 
