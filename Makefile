@@ -21,6 +21,13 @@ run: install
 demo: install
 	$(PYTHON) -m ambasync demo $(ARGS)
 
+# The demo's mirror with its cube (`demo` writes MINC only, so bench.view runs the same in-process
+# replica with --formats minc,cube), then the viewer on it with the DSURQE labels of tests/fixtures.
+view: install
+	test -f demo/cube.zarr/zarr.json || $(PYTHON) -m bench.view --demo-cube demo
+	$(PYTHON) -m ambasync view --out demo --labels tests/fixtures/mhts/DSURQE_CCFv3_labels_200um.mnc \
+		--label-names tests/fixtures/mhts/DSURQE_40micron_R_mapping_long.csv $(ARGS)
+
 bench:
 	PYTHON=$(PYTHON) bash scripts/install.sh --with-bench
 	$(PYTHON) -m bench $(ARGS)

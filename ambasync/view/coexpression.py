@@ -29,7 +29,7 @@ log = logging.getLogger("ambasync.view")
 
 COVERAGE_MIN = 0.8  # the coronal "bin 0.8" mask
 DEFAULT_BUDGET_MB = 1536
-READ_BLOCK = 128  # experiments per read (128 x 637 KB = 82 MB of float32 in flight)
+READ_BLOCK = 64  # experiments per read (64 x 637 KB = 41 MB of float32 in flight; bounds the peak RSS)
 PRODUCT_ROWS = 8192  # rows converted at once when held as float16
 
 
