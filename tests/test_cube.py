@@ -197,13 +197,13 @@ import json, sys
 from ambasync.cube import CubeSettings, ZipSource, build_from_zips
 args = json.loads(sys.argv[1])
 sources = [ZipSource(s[0], s[1], s[2]) for s in args["sources"]]
-r = build_from_zips(args["store"], CubeSettings(block=8, by_voxel_chunk=(16, 32, 32)), sources, workers=1, writer=args["writer"], quiet=True)
+r = build_from_zips(args["store"], CubeSettings(block=8, by_voxel_chunk=(16, 32, 32)), sources, workers=1, writer=args["writer"], quiet=True, stage=args["stage"])
 print(json.dumps({"members": len(r.members), "failed": r.failed}))
 """
 
 
-def child(store: Path, sources: list[ZipSource], writer: str) -> subprocess.Popen:
-    args = {"store": str(store), "writer": writer,
+def child(store: Path | str, sources: list[ZipSource], writer: str, stage: str | None = None) -> subprocess.Popen:
+    args = {"store": str(store), "writer": writer, "stage": stage,
             "sources": [(s.experiment_id, s.path, s.fields) for s in sources]}
     return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -186,7 +186,8 @@ class FsKV(KV):
         if message:
             raise CubeStoreError(message)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.location)
+            # no listings cache: other writers add records and grids while this one runs
+            self.fs, self.root = fsspec.core.url_to_fs(self.location, use_listings_cache=False)
         except Exception as exc:  # noqa: BLE001  bad URL, bad credentials config: one line
             raise CubeStoreError(describe_error(self.location, exc)) from None
         self.root = self.root.rstrip("/")
@@ -282,7 +283,7 @@ def check_reachable(kv: KV) -> None:
     no such bucket), before anything is written anywhere."""
     if isinstance(kv, FsKV):
         try:
-            kv.fs.ls(kv.root.split("/", 1)[0] if "/" not in kv.root else kv.root.rsplit("/", 1)[0], detail=False)
+            kv.fs.ls(kv.root.split("/", 1)[0], detail=False)  # the bucket (a prefix exists only once written)
         except FileNotFoundError as exc:
             raise CubeStoreError(describe_error(kv.location, exc)) from None
         except Exception as exc:  # noqa: BLE001

@@ -34,8 +34,21 @@ def mirror_folder(out: str | None) -> str:
     return str(load_config(None, {}).output.out)
 
 
-def cube_location(out: str | os.PathLike) -> str:
-    """``{out}/cube.zarr``; ``out`` may be a folder or an fsspec URL, or name the store itself."""
+def mirror_cube(cube: str | None) -> str | None:
+    """``--cube`` if given, else ``[output] cube`` from the config file or the environment (None
+    when neither names one: the cube is then ``{out}/cube.zarr``)."""
+    if cube:
+        return cube
+    from ambasync.config import load_config
+
+    return load_config(None, {}).output.cube or None
+
+
+def cube_location(out: str | os.PathLike | None, cube: str | os.PathLike | None = None) -> str:
+    """Where the cube is: ``cube`` (``--cube``: a folder or an fsspec URL) if given, else
+    ``{out}/cube.zarr``; ``out`` may be a folder or an fsspec URL, or name the store itself."""
+    if cube:
+        return str(cube).rstrip("/")
     text = str(out).rstrip("/")
     return text if text.endswith(".zarr") else f"{text}/{CUBE_NAME}"
 
@@ -44,22 +57,57 @@ def _run_first(out: str | os.PathLike) -> str:
     return f"run `python -m ambasync run --out {out} --formats minc,cube` first"
 
 
-def open_cube(out: str | os.PathLike) -> xr.Dataset:
-    """The cube as a lazy xarray Dataset (dask arrays; nothing is read until computed)."""
+def _unusable(location: str, exc: BaseException) -> str:
+    """One line for a store that cannot be opened: unreachable, unauthorised, damaged."""
+    from ambasync.cube.kv import describe_error, is_remote
+
+    if is_remote(location):
+        return describe_error(location, exc)
+    return f"cannot open the cube at {location} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+
+
+def open_cube(out: str | os.PathLike | None, cube: str | os.PathLike | None = None,
+              at: str | None = None) -> xr.Dataset:
+    """The cube as a lazy xarray Dataset (dask arrays; nothing is read until computed).
+
+    ``cube``: where it is (``--cube``: a folder or any fsspec URL, e.g. ``s3://bucket/cube.zarr``,
+    reached with the standard environment); default ``{out}/cube.zarr``. ``at``: the version to
+    read (``--at``; every cube names its own in ``ds.attrs["cube_version"]``): this storage keeps
+    no snapshots, so only the current version can be read, and any other is refused in one line
+    rather than silently read as the current one. Every failure is an :class:`AnalysisError`
+    (exit 2), one line naming the store."""
     import xarray as xr
 
-    location = cube_location(out)
-    if "://" not in location and not Path(location).is_dir():
-        raise AnalysisError(f"no cube at {location}: {_run_first(out)}")
+    from ambasync.cube.kv import is_remote, missing_package
+
+    location = cube_location(out, cube)
+    if is_remote(location):
+        message = missing_package(location)
+        if message:
+            raise AnalysisError(message)
+    elif not Path(location).is_dir():
+        raise AnalysisError(f"no cube at {location}: {_run_first(out or location)}")
     try:
         ds = xr.open_zarr(location, consolidated=None)
     except Exception as exc:  # zarr says many things about a damaged store; the user needs one line
-        raise AnalysisError(f"cannot open the cube at {location} ({type(exc).__name__}: {exc}); "
-                            f"{_run_first(out)} to rebuild it") from None
+        hint = "" if is_remote(location) else f"; {_run_first(out or location)} to rebuild it"
+        raise AnalysisError(_unusable(location, exc) + hint) from None
     if "expression" not in ds or tuple(ds["expression"].dims[1:]) != DIMNAMES:
         raise AnalysisError(f"{location} is not an ambasync cube (no expression variable over "
-                            f"experiment, {', '.join(DIMNAMES)}); {_run_first(out)}")
+                            f"experiment, {', '.join(DIMNAMES)}); {_run_first(out or location)}")
+    version = cube_version(ds)
+    if at is not None and str(at) != version:
+        raise AnalysisError(f"{location} is at version {version or '(none recorded)'}, not {at}: this cube keeps no "
+                            "snapshots of earlier versions (rebuild the matrix from a copy of the cube kept "
+                            "at that version)")
     return ds
+
+
+def cube_version(ds: xr.Dataset) -> str:
+    """The version of the cube ``ds`` was opened from (a digest of its contents, changed by every
+    publish that changes a value; ``""`` for a cube published before versions were recorded).
+    What every ``matrix`` and ``search`` output names."""
+    return str(ds.attrs.get("cube_version", ""))
 
 
 @functools.lru_cache(maxsize=4)

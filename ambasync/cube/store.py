@@ -108,35 +108,37 @@ def _make_arrays(location: str, settings: CubeSettings) -> None:
     from ambasync.cube.publish import zarr_store
 
     geo = geometry(settings)
-    g = zarr.open_group(zarr_store(location), mode="w", zarr_format=3)
+    # "a", arrays overwritten one by one: "w" would first delete the whole prefix, and with it the
+    # lease a store at a URL is created under
+    g = zarr.open_group(zarr_store(location), mode="a", zarr_format=3)
     coords = " ".join(CATALOGUE_COLUMNS)
     for var in settings.variables():
-        g.create_array(var, shape=(0, *geo.sizes), chunks=(settings.inner, *geo.sizes),
+        g.create_array(var, overwrite=True, shape=(0, *geo.sizes), chunks=(settings.inner, *geo.sizes),
                        shards=(settings.block, *geo.sizes), dtype="float32", fill_value=FILL,
                        compressors=[_blosc_codec(settings.codec)], dimension_names=["experiment", *DIMS],
                        attributes={"coordinates": coords})
     if settings.by_voxel:
-        g.create_array(BY_VOXEL, shape=(*geo.sizes, 0), chunks=(*settings.by_voxel_chunk, settings.block),
+        g.create_array(BY_VOXEL, overwrite=True, shape=(*geo.sizes, 0), chunks=(*settings.by_voxel_chunk, settings.block),
                        shards=layout.by_voxel_shard_shape(settings), dtype="float32", fill_value=FILL,
                        compressors=[_blosc_codec(settings.by_voxel_codec)], dimension_names=[*DIMS, "experiment"],
                        attributes={"coordinates": coords})
-    g.create_array("experiment", shape=(0,), chunks=(COORD_CHUNK,), dtype="int64", fill_value=0,
+    g.create_array("experiment", overwrite=True, shape=(0,), chunks=(COORD_CHUNK,), dtype="int64", fill_value=0,
                    dimension_names=["experiment"],
                    attributes={"long_name": "Allen experiment (SectionDataSet) id; < 0: empty slot"})
     for col in CATALOGUE_COLUMNS:
         dtype, fill = ("str", "") if col in STRING_COLUMNS else ("float64", math.nan) if col in FLOAT_COLUMNS \
             else ("int64", -1)
-        g.create_array(col, shape=(0,), chunks=(COORD_CHUNK,), dtype=dtype, fill_value=fill,
+        g.create_array(col, overwrite=True, shape=(0,), chunks=(COORD_CHUNK,), dtype=dtype, fill_value=fill,
                        dimension_names=["experiment"])
     cosines = {"xspace": geo.x_cosines, "yspace": geo.y_cosines, "zspace": geo.z_cosines}
     for i, dim in enumerate(DIMS):
-        a = g.create_array(dim, shape=(geo.sizes[i],), chunks=(geo.sizes[i],), dtype="float64",
+        a = g.create_array(dim, overwrite=True, shape=(geo.sizes[i],), chunks=(geo.sizes[i],), dtype="float64",
                            dimension_names=[dim], attributes={
                                "units": "mm", "start": geo.starts[i], "step": geo.steps[i],
                                "direction_cosines": list(cosines[dim])})
         a[:] = layout.world_axis(geo.starts[i], geo.steps[i], geo.sizes[i])
     for plane in PLANES:
-        g.create_array(f"coverage_{plane}", shape=geo.sizes, chunks=geo.sizes, dtype="float32", fill_value=0.0,
+        g.create_array(f"coverage_{plane}", overwrite=True, shape=geo.sizes, chunks=geo.sizes, dtype="float32", fill_value=0.0,
                        dimension_names=list(DIMS), attributes={
                            "long_name": f"fraction of the cube's {plane} experiments with data at the voxel"})
     g.attrs.update(_root_attrs(settings, now=None, version=""))
@@ -273,11 +275,16 @@ class Cube:
         check_reachable(kv)
         recorded = recorded_settings(kv)
         if recorded is None:
-            if kv.get("zarr.json") is not None or (kv.list("") and kv.get(SETTINGS_KEY) is None):
-                raise CubeSettingsError(f"{location} holds something that is not an ambasync cube: remove it or "
-                                        "choose another --cube")
-            _make_arrays(location, settings)  # nothing there (or our own creation, killed): make it
-            recorded = recorded_settings(kv)
+            # under the lease: of two writers creating it at once, one makes it, the other opens it
+            with lease(kv, writer, LEASE_WAIT_SECONDS, LEASE_STALE_SECONDS):
+                recorded = recorded_settings(kv)
+                if recorded is None:
+                    foreign = [k for k in kv.list("") if not k.startswith(META)]
+                    if kv.get("zarr.json") is not None or (foreign and kv.get(SETTINGS_KEY) is None):
+                        raise CubeSettingsError(f"{location} holds something that is not an ambasync cube: remove "
+                                                "it or choose another --cube")
+                    _make_arrays(location, settings)  # nothing there (or our own creation, killed): make it
+                    recorded = recorded_settings(kv)
         if recorded != settings.identity():
             raise CubeSettingsError(
                 f"{location} was written with {_describe(recorded)}, not {_describe(settings.identity())}: "
