@@ -346,7 +346,19 @@ def test_command_serves_on_127_0_0_1_and_stops(world):
     assert proc.returncode == 0
 
 
-def test_other_host_warns_that_there_is_no_authentication(tmp_path, capsys):
+@pytest.fixture
+def logging_restored():
+    """main() points the root logger at this test's captured stderr; later threads (another
+    view's co-expression load) must not log into it once it is closed."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("ambasync")
+    saved = (root.handlers[:], ours.level)
+    yield
+    root.handlers[:], _ = saved[0], ours.setLevel(saved[1])
+
+
+def test_other_host_warns_that_there_is_no_authentication(tmp_path, capsys, logging_restored):
     from ambasync.cli import main
 
     code = main(["view", "--out", str(tmp_path / "nothing"), "--host", "0.0.0.0", "--port", "0"])
@@ -386,7 +398,7 @@ async def test_the_app_answers_while_the_cube_opens(world):
         assert "could not be opened" in body["error"] and "\n" not in body["error"]
 
 
-def test_command_with_a_damaged_cube_says_so_in_one_line(world, capsys):
+def test_command_with_a_damaged_cube_says_so_in_one_line(world, capsys, logging_restored):
     from ambasync.cli import main
 
     bad = world["root"] / "bad2.zarr"

@@ -31,6 +31,7 @@ COVERAGE_MIN = 0.8  # the coronal "bin 0.8" mask
 DEFAULT_BUDGET_MB = 1536
 READ_BLOCK = 64  # experiments per read (64 x 637 KB = 41 MB of float32 in flight; bounds the peak RSS)
 PRODUCT_ROWS = 8192  # rows converted at once when held as float16
+NORM_ROWS = 1024  # rows centred and scaled at once (float64 sums: 1024 x 4,345 x 8 = 36 MB transient)
 
 
 class Coexpression:
@@ -125,14 +126,14 @@ class Coexpression:
             del missing
         self.mean = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
         self.norm = np.zeros(n_vox, dtype=np.float32)
-        for r in range(0, n_vox, PRODUCT_ROWS):
-            part = rows[r:r + PRODUCT_ROWS].astype(np.float32)
-            part -= self.mean[r:r + PRODUCT_ROWS, None]
+        for r in range(0, n_vox, NORM_ROWS):
+            part = rows[r:r + NORM_ROWS].astype(np.float32)
+            part -= self.mean[r:r + NORM_ROWS, None]
             np.nan_to_num(part, copy=False, nan=0.0)
-            norm = np.sqrt((part.astype(np.float64) ** 2).sum(axis=1)).astype(np.float32)
-            self.norm[r:r + PRODUCT_ROWS] = norm
+            norm = np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64)).astype(np.float32)
+            self.norm[r:r + NORM_ROWS] = norm
             part /= np.where(norm > 0, norm, 1)[:, None]
-            rows[r:r + PRODUCT_ROWS] = part
+            rows[r:r + NORM_ROWS] = part
         self.rows, self.missing_bits = rows, packed
         self.load_seconds = time.monotonic() - start
         self.state = "ready"
