@@ -193,6 +193,12 @@ def test_scenarios(server, browser, shots):
                 "document.getElementById('b-z').dataset.layer === 'map:file:planted.nii.gz'")
     d.save_screenshot(str(shots / "5-search.png"))
 
+    # the mouse wheel over the axial slice steps through z
+    z_before = int(d.execute_script("return document.getElementById('a-z').dataset.index"))
+    d.execute_script("document.getElementById('a-z').dispatchEvent(new WheelEvent('wheel', {deltaY: -100, "
+                     "bubbles: true, cancelable: true}))")
+    wait_for(d, f"return document.getElementById('a-z').dataset.index === '{z_before + 1}'")
+
     # 5. export the current view as PNG
     url = d.execute_script("return window.ambasyncView.exportPng()")
     assert url.startswith("data:image/png;base64,")
@@ -201,6 +207,12 @@ def test_scenarios(server, browser, shots):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+    # a deep link to an experiment
+    d.get(f"{server}/?experiment={PDYN}")
+    wait_for(d, f"return document.body.dataset.ready === '1' && "
+                f"document.getElementById('a-x').dataset.layer === 'experiment:{PDYN}'")
+    assert d.find_element(By.ID, "gene-title").text == "Pdyn"
 
 
 def _click_voxel(driver, element, fx, fy):

@@ -251,6 +251,19 @@
       moved($("seed-mode").checked).catch(showError);
     });
   }
+  // the wheel over a slice moves through its axis (one voxel per notch), as in other viewers
+  for (const canvas of document.querySelectorAll("canvas.slice")) {
+    canvas.addEventListener("wheel", (ev) => {
+      const s = state.slices[canvas.dataset.row][canvas.dataset.axis];
+      if (!s || !state.info) return;
+      ev.preventDefault();
+      const a = axisIndex[s.axis], next = state.pos[a] + (ev.deltaY < 0 ? 1 : -1);
+      if (next < 0 || next >= state.info.shape[a]) return;
+      state.pos[a] = next;
+      clearTimeout(state.wheelTimer);
+      state.wheelTimer = setTimeout(() => moved(false).catch(showError), 30);
+    }, { passive: false });
+  }
   async function moved(seedToo) {
     const [z, y, x] = state.pos;
     const layers = [state.rows.a, state.rows.b].filter(Boolean).join(";");
