@@ -221,6 +221,23 @@ async def test_seed_coexpression_against_numpy(client, world):
     await get_json(client, "/api/seed?z=a&y=1&x=1", 400)
 
 
+def test_coexpression_as_float16_within_a_small_budget(view):
+    from ambasync.view.coexpression import Coexpression
+
+    full = view.coexpression
+    assert full.wait(60) and full.dtype == np.float32
+    size_mb = full.n_voxels * full.n_experiments * 4 / 1e6
+    half = Coexpression(view.data, budget_mb=int(size_mb * 0.75))
+    assert half.dtype == np.float16
+    half.load()
+    z, y, x = (int(v) for v in np.argwhere(full.mask)[len(full.voxels) // 3])
+    a, b = full.correlation(z, y, x), half.correlation(z, y, x)
+    assert np.nanmax(np.abs(a - b)) < 5e-3 and np.array_equal(np.isnan(a), np.isnan(b))
+    assert half.top_genes(z, y, x)[0]["experiment_id"] == full.top_genes(z, y, x)[0]["experiment_id"]
+    tiny = Coexpression(view.data, budget_mb=1)
+    assert tiny.state == "failed" and "--memory-budget" in tiny.error
+
+
 # ------------------------------------------------------------------ maps, uploads, search
 
 async def test_maps_listing_keeps_to_the_folder(client):

@@ -31,6 +31,7 @@ COVERAGE_MIN = 0.8  # the coronal "bin 0.8" mask
 DEFAULT_BUDGET_MB = 1536
 READ_BLOCK = 64  # experiments per read (64 x 637 KB = 41 MB of float32 in flight; bounds the peak RSS)
 PRODUCT_ROWS = 8192  # rows converted at once when held as float16
+MIN_STD = 1e-5  # below this standard deviation across experiments a voxel counts as constant
 NORM_ROWS = 1024  # rows centred and scaled at once (float64 sums: 1024 x 4,345 x 8 = 36 MB transient)
 
 
@@ -59,11 +60,17 @@ class Coexpression:
                           + self.n_voxels * ((self.n_experiments + 7) // 8)) / 1e6
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        if self.n_voxels * self.n_experiments * 2 > budget_mb * 1e6:
+            self.state = "failed"
+            self.error = (f"{self.n_experiments} {plane} experiments x {self.n_voxels} voxels need "
+                          f"{self.n_voxels * self.n_experiments * 2 / 1e6:.0f} MB even as float16, over the "
+                          f"{budget_mb} MB budget: start the viewer with a larger --memory-budget")
+            self._ready.set()
 
     # ---------------------------------------------------------------- loading
     def start(self) -> None:
         """Load in a daemon thread (the app answers meanwhile; seed requests say how far it got)."""
-        if self._thread is None:
+        if self._thread is None and self.state == "waiting":
             self._thread = threading.Thread(target=self._load_safely, name="ambasync-view-coexpression", daemon=True)
             self._thread.start()
 
@@ -98,6 +105,7 @@ class Coexpression:
         # read in storage order, in runs of consecutive slots (one zarr call per run)
         order = np.argsort(positions, kind="stable")
         done = 0
+        ref = None
         for b in range(0, n_exp, READ_BLOCK):
             cols = order[b:b + READ_BLOCK]
             pos = positions[cols]
@@ -113,7 +121,10 @@ class Coexpression:
                                      for j in range(len(cols))]
             sums += np.where(present, values, 0).sum(axis=1)
             counts += present.sum(axis=1)
-            rows[:, cols] = np.where(absent, np.nan, values).astype(self.dtype)
+            if ref is None:  # float16 keeps 11 bits: store values less a per-voxel reference, not raw
+                ref = np.where(present.any(axis=1), np.where(present, values, 0).sum(axis=1)
+                               / np.maximum(present.sum(axis=1), 1), 0).astype(np.float32)
+            rows[:, cols] = np.where(absent, np.nan, values - ref[:, None]).astype(self.dtype)
             if missing is not None:
                 missing[:, cols] = absent
             else:
@@ -128,9 +139,12 @@ class Coexpression:
         self.norm = np.zeros(n_vox, dtype=np.float32)
         for r in range(0, n_vox, NORM_ROWS):
             part = rows[r:r + NORM_ROWS].astype(np.float32)
-            part -= self.mean[r:r + NORM_ROWS, None]
+            part -= (self.mean - ref)[r:r + NORM_ROWS, None]
             np.nan_to_num(part, copy=False, nan=0.0)
             norm = np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64)).astype(np.float32)
+            # a voxel that varies by less than 1e-5 (energy units; Allen's values run 0..~30) is
+            # constant: its r would be rounding noise (and differ between float32 and float16)
+            norm[norm < MIN_STD * np.sqrt(np.maximum(counts[r:r + NORM_ROWS], 1))] = 0
             self.norm[r:r + NORM_ROWS] = norm
             part /= np.where(norm > 0, norm, 1)[:, None]
             rows[r:r + NORM_ROWS] = part
