@@ -320,6 +320,20 @@ async def test_a_map_off_the_cube_gets_the_clis_message(client, world):
     body = await wait_job(client, (await r.json())["job"])
     assert body["state"] == "failed" and body["error"] == str(cli.value)
     await get_json(client, f"/api/search/{body['job']}/results.csv", 409)
+    # an upload off the cube: accepted (a readable image), and its search fails with the same
+    # message, naming the file as the user named it, not the app's temporary copy
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("file", (world["maps"] / "elsewhere.nii.gz").read_bytes(), filename="far.nii.gz")
+    r = await client.post("/api/maps", data=form)
+    key = (await r.json())["key"]
+    assert r.status == 201
+    r = await client.post("/api/search", json={"map": key, "nulls": 0})
+    body = await wait_job(client, (await r.json())["job"])
+    assert body["state"] == "failed"
+    assert body["error"] == str(cli.value).replace(str(world["maps"] / "elsewhere.nii.gz"), "far.nii.gz")
+    assert str(client.view.tmp) not in body["error"]
 
 
 @pytest.mark.parametrize("payload,status", [

@@ -158,8 +158,11 @@ class View:
                 table = ambasync.search(self.location, path, nulls=job.nulls, plot=str(picture))
             job.table, job.picture, job.state = table, picture, "done"
             job.phase = "done"
-        except AnalysisError as exc:  # the CLI's own one line
-            job.state, job.error = "failed", str(exc)
+        except AnalysisError as exc:  # the CLI's own one line (an upload named as the user named it)
+            text = str(exc)
+            if path.startswith(str(self.tmp)):
+                text = text.replace(path, job.map_title)
+            job.state, job.error = "failed", text
         except Exception as exc:
             log.exception("view: search failed")
             job.state, job.error = "failed", f"the search failed ({type(exc).__name__}: {exc})"
@@ -394,11 +397,13 @@ async def upload(request: web.Request) -> web.Response:
             f.write(chunk)
     try:
         _sniff(name, head)
-        await _in_thread(request, view.data.on_cube, str(dest))  # readable, 3-D, overlaps the cube
+        from ambasync.imaging.regrid import read_image
+
+        await _in_thread(request, read_image, str(dest))  # a readable 3-D image (whether it fits: the search says)
     except (ViewError, AnalysisError) as exc:
         dest.unlink(missing_ok=True)
         if isinstance(exc, AnalysisError):
-            raise ViewError(str(exc), 422) from None
+            raise ViewError(str(exc).replace(str(dest), name), 422) from None
         raise
     view.uploads[key] = (str(dest), name)
     return _json({"key": key, "name": name, "bytes": size}, 201)
