@@ -2,6 +2,8 @@
 
     python -m bench.cube [--experiments 26078] [--variants 256] [--workers 2] [--work DIR] [--json out.json]
 
+(The real atlas build, a run with --formats minc,cube against minc alone, is ``python -m bench.cube_atlas``.)
+
 The replica's catalogue of N rows, grid content cycling through ``--variants`` distinct grids
 (as the atlas scenario of ``python -m bench``), kept as zips on disk like a MINC-only mirror's
 ``keep_zips``. Measured, each as its own process tree (wall time, peak RSS of the tree):
@@ -72,39 +74,6 @@ def child_build(store: str, sources: str, workers: str) -> None:
     wall = time.perf_counter() - start
     print(json.dumps({"wall_s": wall, "members": len(result.members), "failed": len(result.failed),
                       "blocks": result.publish.blocks_rebuilt}))
-
-
-def child_extend(store: str, sources: str, n_total: str) -> None:
-    """Grow the built cube to ``n_total`` experiments for the read measurements, when building
-    them all does not fit the time: slot s gets a copy of slot s % N's chunk (same content as a
-    build with N distinct grids would give), a record under the next replica id, then a real
-    publish (voxel-major blocks, coverage, coordinates). Timed apart; not a build figure."""
-    import shutil as sh
-
-    from ambasync.cube import Cube, CubeSettings
-    from ambasync.cube.layout import chunk_key
-    from ambasync.replica import Replica, ReplicaConfig
-
-    n_total = int(n_total)
-    built = json.loads(Path(sources).read_text())
-    cube = Cube.open(store, CubeSettings(), writer="extend")
-    members = sorted(cube.members().values(), key=lambda m: m.slot)
-    n_coronal = max(1, n_total // 6)
-    rows = Replica(ReplicaConfig(n_coronal=n_coronal, n_sagittal=n_total - n_coronal, real_dir="/nonexistent")).rows
-    have = {m.experiment_id for m in members}
-    extra = [r for r in rows if r["experiment_id"] not in have][: n_total - len(members)]
-    start = time.perf_counter()
-    for i, row in enumerate(extra):
-        source = members[i % len(members)]
-        slot = cube.slot_for(row["experiment_id"])
-        dst = Path(store) / chunk_key("expression", slot)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        sh.copyfile(Path(store) / chunk_key("expression", source.slot), dst)
-        cube.record(row["experiment_id"], slot, dict(source.volumes), row)
-    copied = time.perf_counter() - start
-    cube.publish()
-    print(json.dumps({"wall_s": time.perf_counter() - start, "copy_s": copied, "built": len(built),
-                      "experiments": len(members) + len(extra)}))
 
 
 def _floor_part(args: tuple) -> int:
@@ -271,9 +240,6 @@ def main(argv: list[str] | None = None) -> int:
                              "repeated experiments and compress unrealistically well")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one, removed)")
-    parser.add_argument("--read-experiments", type=int, default=0,
-                        help="grow the cube to this many experiments (copies of the built ones' chunks, then a "
-                             "real publish) before the read measurements, when building them all takes too long")
     parser.add_argument("--skip-volume-major-profile", action="store_true",
                         help="skip the slow voxel profile read from the volume-major variable")
     parser.add_argument("--json", type=Path, default=None)
@@ -292,8 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(floor_dir, ignore_errors=True)
         build = _run_child("build", ["_build", str(store), str(sources), str(args.workers)])
         reads = {}
-        if args.read_experiments > n:
-            reads["extend"] = _run_child("extend", ["_extend", str(store), str(sources), str(args.read_experiments)])
         kinds = ["volume", "volume_512", "profile", "scan"] + ([] if args.skip_volume_major_profile else ["profile_volume_major"])
         for kind in kinds:
             reads[kind] = _run_child(kind, ["_read", kind, str(store)])
@@ -301,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {"experiments": n, "variants": args.variants, "workers": args.workers,
                   "results": {"build": build, "floor": floor, **reads}}
         report["cube_bytes"] = size
-        report["zip_bytes"] = zip_bytes * max(n, args.read_experiments) / n
-        report["read_experiments"] = max(n, args.read_experiments)
+        report["zip_bytes"] = zip_bytes
+        report["read_experiments"] = n
         _print(report)
         if args.json:
             args.json.write_text(json.dumps(report, indent=1, default=str))
@@ -330,10 +294,6 @@ def _print(report: dict) -> None:
     print(f"  size: cube {report['cube_bytes'] / 1e6:.1f} MB, zips {report['zip_bytes'] / 1e6:.1f} MB, "
           f"ratio {report['cube_bytes'] / report['zip_bytes']:.2f} (target <= 1.6); "
           f"{report['cube_bytes'] / n / 1e3:.0f} KB per experiment")
-    if "extend" in res:
-        c = child("extend")
-        print(f"  extended {c['built']} built experiments to {c['experiments']} in {c['wall_s']:.0f} s "
-              f"(copies {c['copy_s']:.0f} s, then one publish)")
     for kind, target in (("volume", 0.05), ("volume_512", 0.05), ("profile", 0.2), ("scan", 30.0),
                          ("profile_volume_major", None)):
         if kind in res:
@@ -345,7 +305,7 @@ def _print(report: dict) -> None:
 
 def _dispatch() -> int:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        {"_build": child_build, "_floor": child_floor, "_read": child_read, "_extend": child_extend}[sys.argv[1]](
+        {"_build": child_build, "_floor": child_floor, "_read": child_read}[sys.argv[1]](
             *sys.argv[2:])
         return 0
     return main()

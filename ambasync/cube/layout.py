@@ -89,7 +89,7 @@ class CubeSettings:
     block: int = 512  # experiments per shard and per voxel-major chunk (one publish task: one block)
     volume_chunk: int = 8  # experiments per inner chunk of expression (a volume read decodes this many)
     by_voxel_chunk: tuple[int, int, int] = (8, 8, 16)  # voxels per voxel-major chunk, (z, y, x)
-    by_voxel_shard_z: int = 24  # planes per voxel-major shard (a multiple of by_voxel_chunk[0])
+    by_voxel_shard_z: int = 8  # planes per voxel-major shard: a scan's read of 8 planes is one whole shard (one GET)
     codec: Codec = Codec()  # the volume-major variables
     by_voxel_codec: Codec = BY_VOXEL_CODEC
 

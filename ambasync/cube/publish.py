@@ -37,6 +37,8 @@ from ambasync.cube.layout import (BLOCKS, BY_VOXEL, CATALOGUE_COLUMNS, FILL, FLO
                                   CubeSettings)
 from ambasync.cube.slots import Member
 
+PART_PLANES = 24  # planes of a block decoded together by a publish task (512 × 24 planes: 190 MB)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -126,6 +128,9 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
     values); ``expected``: slot -> the recorded sha256 of each staged volume. Returns the block, its
     per-plane counts of experiments with data (zspace, yspace, xspace) and the experiments whose
     staged grids did not match their record (left out: their slots read -1)."""
+    import numcodecs.blosc
+
+    numcodecs.blosc.use_threads = False  # one task per process and core: blosc's own threads only contend
     kv = _kv(location)
     geo = layout.geometry(settings)
     vol_shape = tuple(geo.sizes)
@@ -143,10 +148,13 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
             except ValueError:  # a damaged shard: its kept experiments are reported, converted again
                 old_chunks = [None] * n_inner
         main = var == "expression"
-        zshards = range(0, vol_shape[0], settings.zshard) if main and settings.by_voxel else [None]
+        # the block's planes in parts of whole shards (~24 planes: a part holds block × part planes of
+        # floats), each grid decoded once per part
+        part_z = max(1, PART_PLANES // settings.zshard) * settings.zshard
+        zparts = range(0, vol_shape[0], part_z) if main and settings.by_voxel else [None]
         new_chunks: list[bytes | None] = [None] * n_inner
-        for part, z0 in enumerate(zshards):
-            z1 = vol_shape[0] if z0 is None else min(vol_shape[0], z0 + settings.zshard)
+        for part, z0 in enumerate(zparts):
+            z1 = vol_shape[0] if z0 is None else min(vol_shape[0], z0 + part_z)
             zlo = 0 if z0 is None else z0
             slab = np.full((settings.block, z1 - zlo, *vol_shape[1:]), FILL, dtype=np.float32) \
                 if main and z0 is not None else None
@@ -192,15 +200,17 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
                         vols[j] = values
                     if slab is not None:
                         slab[i * per + j] = values[zlo:z1]
-                    if main:
-                        counts[plane][zlo:z1] += values[zlo:z1] != FILL
+                    if main and part == 0:  # counted once, over the whole volume
+                        np.add(counts[plane], values != FILL, out=counts[plane], casting="unsafe")
                 if part == 0:
                     if reuse:
                         new_chunks[i] = old_chunks[i]
                     elif vols is not None and (vols != FILL).any():
                         new_chunks[i] = layout.blosc(settings.codec).encode(vols)
             if main and z0 is not None:
-                kv.put(layout.by_voxel_shard_key(part, b), _by_voxel_shard(settings, slab))
+                for zs in range(0, z1 - zlo, settings.zshard):
+                    kv.put(layout.by_voxel_shard_key((zlo + zs) // settings.zshard, b),
+                           _by_voxel_shard(settings, slab[:, zs:zs + settings.zshard]))
         kv.put(layout.shard_key(var, b), shards.assemble(new_chunks))
     buf = io.BytesIO()
     np.savez(buf, **counts)

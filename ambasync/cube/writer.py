@@ -64,6 +64,9 @@ def write_slot(stage: str | Path, key: int, volume: str, data: np.ndarray) -> Cu
     if tuple(data.shape) != sizes:
         raise ValueError(f"experiment {key}: {volume} volume of shape {data.shape} does not fit the cube staged at "
                          f"{stage} ({sizes})")
+    import numcodecs.blosc
+
+    numcodecs.blosc.use_threads = False  # each conversion worker has its core: blosc's threads only contend
     values = np.ascontiguousarray(data, dtype="<f4")
     sha = layout.values_sha256(values)
     blob = layout.blosc(layout.STAGED_CODEC).encode(values)
