@@ -3,7 +3,7 @@
 It serves what ambasync uses of the real service, as its public documentation and real
 downloads describe it: the RMA catalogue (JSON envelope and CSV, paging, ``total_rows``,
 nulls, repeated rows) and grid zips laid out like real downloads. Grids are synthetic and
-deterministic (``-1`` outside an ellipsoid brain), plus the real Nrp1 and Pdyn zips under
+deterministic and shaped like real ISH energy (region-structured, smooth, measured zeros; coronal ones cover the brain and its rim, sagittal ones one hemisphere; ``-1`` outside), plus the real Nrp1 and Pdyn zips under
 their real ids when the reference data is found. Transient faults, permanently bad
 experiments, a connection limit, latency and bandwidth are injected deterministically
 from a seed, for tests and benchmarks.

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from ambasync.mirror.catalog import COLUMNS
-from ambasync.replica.grids import REAL_IDS
+from ambasync.replica.grids import REAL_IDS, SAGITTAL_IDS
 from ambasync.replica.settings import ReplicaConfig
 
 
@@ -25,7 +25,7 @@ def build_rows(c: ReplicaConfig, with_real: bool) -> list[dict[str, Any]]:
     for i in range(c.n_coronal):  # ~2 experiments per gene, like the real atlas
         rows.append(catalogue_row(100000 + 13 * i, f"Gene{(i * 7) % max(1, c.n_coronal // 2 + 1)}", "coronal", i))
     for i in range(c.n_sagittal):
-        rows.append(catalogue_row(5000000 + 11 * i, f"Sgene{(i * 5) % max(1, c.n_sagittal // 2 + 1)}", "sagittal",
+        rows.append(catalogue_row(SAGITTAL_IDS.start + 11 * i, f"Sgene{(i * 5) % max(1, c.n_sagittal // 2 + 1)}", "sagittal",
                                   c.n_coronal + i))
     if with_real:
         for j, (eid, gene) in enumerate(REAL_IDS.items()):

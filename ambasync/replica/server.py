@@ -18,7 +18,8 @@ from aiohttp import web
 from ambasync.mirror.catalog import COLUMNS
 from ambasync.replica.catalogue import build_rows, catalogue_row, csv_text, select_page
 from ambasync.replica.faults import fault_for
-from ambasync.replica.grids import (REAL_FILES, REAL_IDS, data_set_xml, find_real_dir, grid_zip, real_grid, synthetic_grid)
+from ambasync.replica.grids import (REAL_FILES, REAL_IDS, SAGITTAL_IDS, data_set_xml, find_real_dir, grid_zip, real_grid,
+                                    synthetic_grid)
 from ambasync.replica.settings import ReplicaConfig, ReplicaStats
 
 HTML_ERROR = "<html><head><title>{status}</title></head><body><h1>{status}</h1></body></html>"
@@ -59,11 +60,20 @@ class Replica:
         """Exactly the voxels served in ``{volume}.raw``, shape (58, 41, 67), float32."""
         if experiment_id in REAL_IDS and self.real_dir is not None and volume == "energy":
             return real_grid(self.real_dir, experiment_id)
-        return synthetic_grid(self.config.seed, self._variant(experiment_id), volume)
+        variant = self._variant(experiment_id)
+        if variant != experiment_id:  # a shared grid: its plane from its number, its own gene
+            return synthetic_grid(self.config.seed, variant, volume)
+        row = self._by_id.get(experiment_id, {})  # its plane sets the coverage, its gene the pattern
+        return synthetic_grid(self.config.seed, experiment_id, volume, plane=row.get("plane"), gene=row.get("gene"))
 
     def _variant(self, experiment_id: int) -> int:
+        """With ``variants`` K: one of K shared grids per plane (a sagittal row gets a sagittal one)."""
         v = self.config.variants
-        return experiment_id if v <= 0 or experiment_id in self.config.bad else experiment_id % v
+        if v <= 0 or experiment_id in self.config.bad or experiment_id not in self._by_id:
+            return experiment_id  # (an id without a catalogue row is a shared grid's own number)
+        sagittal = self._by_id.get(experiment_id, {}).get("plane") == "sagittal"
+        # numbers no catalogue row has: 0..K-1 (coronal), the top of the sagittal range (sagittal)
+        return SAGITTAL_IDS.stop - 1 - experiment_id % v if sagittal else experiment_id % v
 
     def zip_for(self, experiment_id: int, include: tuple[str, ...] | None = None) -> bytes:
         """The zip served for an experiment (cached; shared between experiments with ``variants``)."""
