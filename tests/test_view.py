@@ -221,6 +221,26 @@ async def test_seed_coexpression_against_numpy(client, world):
     await get_json(client, "/api/seed?z=a&y=1&x=1", 400)
 
 
+async def test_seed_across_the_sagittal_experiments_too(world):
+    from ambasync.view.app import View, make_app
+
+    both = View(str(world["store"]), seed_planes=("coronal", "sagittal"), budget_mb=64)
+    try:
+        sag = both.coexpressions["sagittal"]
+        assert sag.wait(60) and sag.state == "ready", sag.error
+        assert sag.n_experiments == sum(e.plane == "sagittal" for e in world["experiments"])
+        async with TestClient(TestServer(make_app(both, close_view=False), host="127.0.0.1")) as c:
+            assert (await get_json(c, "/api/info"))["seed_planes"] == ["coronal", "sagittal"]
+            z, y, x = (int(v) for v in np.argwhere(sag.mask)[len(sag.voxels) // 2])
+            body = await get_json(c, f"/api/seed?z={z}&y={y}&x={x}&plane=sagittal")
+            assert body["plane"] == "sagittal" and body["layer"] == f"seed:{z},{y},{x}:sagittal"
+            v = await get_json(c, f"/api/voxel?z={z}&y={y}&x={x}&layers={body['layer']}")
+            assert v["values"][body["layer"]]["value"] == pytest.approx(1.0, abs=1e-5)
+            await get_json(c, f"/api/seed?z={z}&y={y}&x={x}&plane=axial", 404)
+    finally:
+        both.close()
+
+
 def test_coexpression_as_float16_within_a_small_budget(view):
     from ambasync.view.coexpression import Coexpression
 

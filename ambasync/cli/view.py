@@ -34,6 +34,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--maps", metavar="DIR", help="a folder of maps (.mnc, .nii, .nii.gz) offered for search")
     p.add_argument("--memory-budget", type=int, default=None, metavar="MB",
                    help="memory for the co-expression profiles (default 1536; beyond it they are kept as float16)")
+    p.add_argument("--seed-planes", default="coronal", metavar="P[,P]",
+                   help="co-expression across the coronal experiments (default), or coronal,sagittal to also "
+                        "offer the sagittal ones (a second matrix; the budget is shared)")
     p.add_argument("--no-coexpression", action="store_true", help="do not load the co-expression profiles")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail")
@@ -62,6 +65,9 @@ def cmd_view(args: argparse.Namespace) -> int:
         raise AnalysisError(f"--maps {args.maps}: not a folder")
     if not args.quiet:
         logging.getLogger("ambasync").setLevel(min(logging.getLogger("ambasync").getEffectiveLevel(), logging.INFO))
+    planes = tuple(p.strip() for p in args.seed_planes.split(",") if p.strip())
+    if not planes or any(p not in ("coronal", "sagittal") for p in planes) or len(set(planes)) != len(planes):
+        raise AnalysisError(f"--seed-planes {args.seed_planes}: coronal, sagittal or coronal,sagittal")
     location = cube_location(args.cube or mirror_folder(args.out))
     if "://" not in location and not os.path.isdir(location):  # before binding: open_cube's own message
         from ambasync.cube.read import open_cube
@@ -70,7 +76,8 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     def open_view() -> View:
         return View(location, labels=args.labels, label_names=args.label_names, maps=args.maps,
-                    budget_mb=args.memory_budget or DEFAULT_BUDGET_MB, coexpression=not args.no_coexpression)
+                    budget_mb=args.memory_budget or DEFAULT_BUDGET_MB, coexpression=not args.no_coexpression,
+                    seed_planes=planes)
 
     app = make_app(open_view)
     host = f"[{args.host}]" if ":" in args.host else args.host

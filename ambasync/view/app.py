@@ -100,13 +100,19 @@ class View:
     """What the app holds: the cube, the co-expression matrix, the maps, the search jobs."""
 
     def __init__(self, location: str, *, labels: str | None = None, label_names: str | None = None,
-                 maps: str | None = None, budget_mb: int = DEFAULT_BUDGET_MB, coexpression: bool = True) -> None:
+                 maps: str | None = None, budget_mb: int = DEFAULT_BUDGET_MB, coexpression: bool = True,
+                 seed_planes: tuple[str, ...] = ("coronal",)) -> None:
         self.data = CubeData(location, labels, label_names)
         self.location = location
         self.maps_dir = maps
-        self.coexpression = Coexpression(self.data, budget_mb)
+        if not seed_planes or any(p not in ("coronal", "sagittal") for p in seed_planes):
+            raise ViewError(f"seed planes {seed_planes!r}: coronal and/or sagittal")
+        # one profile matrix per plane, the budget shared between them
+        self.coexpressions = {p: Coexpression(self.data, budget_mb // len(seed_planes), p) for p in seed_planes}
+        self.coexpression = next(iter(self.coexpressions.values()))
         if coexpression:
-            self.coexpression.start()
+            for co in self.coexpressions.values():
+                co.start()
         self.tmp = Path(tempfile.mkdtemp(prefix="ambasync-view-"))
         self.uploads: dict[str, tuple[str, str]] = {}  # key -> (path, original name)
         self.jobs: dict[str, SearchJob] = {}
@@ -140,13 +146,21 @@ class View:
     def make_layer(self, key: str) -> Layer:
         kind, _, arg = key.partition(":")
         if kind == "seed":
-            z, y, x = parse_seed(arg)
-            return self.data.put(self.coexpression.layer(z, y, x), keep=8)
+            where, _, plane = arg.partition(":")
+            z, y, x = parse_seed(where)
+            return self.data.put(self.seed_plane(plane or "coronal").layer(z, y, x), keep=8)
         path, name = self.map_path(arg)
         try:
             return self.data.map_layer(key, path, name)
         except AnalysisError as exc:
             raise ViewError(str(exc), 422) from None
+
+    def seed_plane(self, plane: str) -> Coexpression:
+        co = self.coexpressions.get(plane)
+        if co is None:
+            raise ViewError(f"no co-expression across {plane!r} experiments: the viewer loads "
+                            f"{', '.join(self.coexpressions)} (--seed-planes)", 404)
+        return co
 
     # ---------------------------------------------------------------- search
     def run_search(self, job: SearchJob, path: str) -> None:
@@ -266,7 +280,8 @@ async def static(request: web.Request) -> web.Response:
 
 async def info(request: web.Request) -> web.Response:
     view = _view(request)
-    return _json({**view.data.info(), "coexpression": view.coexpression.status(), "maps": view.maps(),
+    return _json({**view.data.info(), "coexpression": view.coexpression.status(),
+                  "seed_planes": list(view.coexpressions), "maps": view.maps(),
                   "max_upload_bytes": MAX_UPLOAD_BYTES})
 
 
@@ -314,7 +329,7 @@ async def voxel(request: web.Request) -> web.Response:
 async def seed(request: web.Request) -> web.Response:
     view = _view(request)
     z, y, x = (parse_int(_query(request, n), n, 0, 10_000) for n in "zyx")
-    co = view.coexpression
+    co = view.seed_plane(request.query.get("plane", "coronal"))
 
     def compute() -> dict:
         start = time.perf_counter()
@@ -327,7 +342,8 @@ async def seed(request: web.Request) -> web.Response:
 
 
 async def coexpression_status(request: web.Request) -> web.Response:
-    return _json(_view(request).coexpression.status())
+    view = _view(request)
+    return _json({**view.coexpression.status(), "planes": {p: c.status() for p, c in view.coexpressions.items()}})
 
 
 async def maps(request: web.Request) -> web.Response:

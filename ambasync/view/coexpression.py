@@ -226,7 +226,8 @@ class Coexpression:
         w = {d[0]: float(self.data.coords[d][i]) for d, i in zip(("zspace", "yspace", "xspace"), (z, y, x))}
         title = (f"co-expression with seed ({w['x']:.1f}, {w['y']:.1f}, {w['z']:.1f}) mm, "
                  f"{self.n_experiments} {self.plane}")
-        return Layer(f"seed:{z},{y},{x}", title, "correlation", values, -1.0, 1.0, "coolwarm")
+        key = f"seed:{z},{y},{x}" + ("" if self.plane == "coronal" else f":{self.plane}")
+        return Layer(key, title, "correlation", values, -1.0, 1.0, "coolwarm")
 
 
 def parse_seed(arg: str) -> tuple[int, int, int]:

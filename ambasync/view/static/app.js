@@ -283,7 +283,7 @@
   async function seed(z, y, x, attempt = 0) {
     $("seed-info").textContent = "computing…";
     try {
-      const r = await api(`/api/seed?z=${z}&y=${y}&x=${x}`);
+      const r = await api(`/api/seed?z=${z}&y=${y}&x=${x}&plane=${$("seed-plane").value || "coronal"}`);
       $("seed-info").textContent = `r over ${r.experiments} ${r.plane} experiments, ${r.voxels} voxels: ${r.ms} ms. Genes most expressed at the seed (value / brain mean):`;
       $("seed-genes").innerHTML = "<thead><tr><th>gene</th><th>experiment</th><th>value</th><th>÷ brain</th></tr></thead><tbody>" +
         r.top_genes.map((g) => `<tr data-id="${g.experiment_id}"><td>${esc(g.gene)}</td><td>${g.experiment_id}</td><td>${fmt(g.value)}</td><td>${fmt(g.ratio, 2)}</td></tr>`).join("") + "</tbody>";
@@ -389,6 +389,8 @@
     state.info = await api("/api/info");
     state.pos = state.info.shape.map((n) => Math.floor(n / 2));
     fillMaps(state.info.maps);
+    $("seed-plane").innerHTML = state.info.seed_planes.map((p) => `<option value="${p}">${p}</option>`).join("");
+    $("seed-plane-row").hidden = state.info.seed_planes.length < 2;
     autocomplete($("find"), $("suggest"), (m) => (m.kind === "gene" ? chooseGene(m.gene) : chooseExperiment(m.experiment_id)).catch(showError));
     autocomplete($("compare"), $("suggest-compare"), async (m) => {
       try {
