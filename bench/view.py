@@ -53,10 +53,10 @@ def write_bench_cube(out: Path, n: int, batch: int = 128) -> Path:
 
     import xarray as xr
     from cubes import CATALOGUE_COLUMNS, SIZES, STARTS, STEP, _column
-
-    from bench.matrix import _experiments
     from helpers import notebook_ras
+
     from ambasync.imaging.regrid import read_image
+    from bench.matrix import _experiments
 
     store = out / "cube.zarr"
     coverage, _ = read_image(CORONAL_MASK)

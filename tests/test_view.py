@@ -12,12 +12,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-
 from cubes import replica_experiments, write_test_cube
 from helpers import FIXTURES, notebook_ras
 

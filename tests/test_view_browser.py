@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cubes import replica_experiments, write_test_cube
 from helpers import FIXTURES, notebook_ras
 
@@ -50,7 +49,7 @@ class ServerThread:
         self.loop.run_until_complete(runner.cleanup())
         self.loop.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         assert self.ready.wait(30)
         return self

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+
 import numpy as np
 
 from ambasync.view.data import CubeData, Layer, ViewError
@@ -239,4 +240,4 @@ def parse_seed(arg: str) -> tuple[int, int, int]:
     return tuple(parse_int(p, "seed") for p in parts)  # type: ignore[return-value]
 
 
-__all__ = ["COVERAGE_MIN", "Coexpression", "DEFAULT_BUDGET_MB", "parse_seed"]
+__all__ = ["COVERAGE_MIN", "DEFAULT_BUDGET_MB", "Coexpression", "parse_seed"]
