@@ -28,7 +28,9 @@ def read_catalogue(ds: Any) -> Any:
     names = [n for n in ds["experiment"].coords if n != "experiment" and ds[n].dims == ("experiment",)]
     values = dask.compute(ds["experiment"].data, *[ds[n].data for n in names])
     data = {"experiment_id": np.asarray(values[0], dtype=np.int64)}
-    data.update({n: np.asarray(v) for n, v in zip(names, values[1:])})
+    # numpy 2's variable-width strings (zarr 3's string arrays) as Python str: .astype(str) refuses them
+    data.update({n: (np.asarray(v).astype(object) if np.asarray(v).dtype.kind == "T" else np.asarray(v))
+                 for n, v in zip(names, values[1:])})
     return pd.DataFrame(data)
 
 

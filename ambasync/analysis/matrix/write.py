@@ -112,6 +112,27 @@ def _write_csv(m: Matrix, tmp: Path) -> None:
             fh.write(future.result())
 
 
+def _write_parquet(m: Matrix, tmp: Path) -> None:
+    """What ``as_frame(m).to_parquet(tmp)`` writes (its schema and pandas metadata: pandas reads
+    back the same frame), with one Arrow copy of the matrix beside it: the columns are copied
+    from the matrix one by one, where pandas' conversion held ~2 copies more (3.2 GB for a 1.1 GB
+    matrix)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    head = as_frame(Matrix(m.values[:1], m.rows[:1], m.row_label, m.obs, m.var, m.columns, m.mask,
+                           m.geometry, m.recipe, m.facts))
+    schema = pa.Schema.from_pandas(head)
+    labels = pa.array([str(r) for r in m.rows], type=schema.field(m.row_label).type)
+    arrays = {m.row_label: labels}
+    for j, name in enumerate(head.columns):
+        arrays[name] = pa.array(np.ascontiguousarray(m.values[:, j]), type=pa.float64())
+    table = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+    del arrays
+    pq.write_table(table, tmp, use_dictionary=False)  # float columns: a dictionary only costs time
+
+
 def as_frame(m: Matrix) -> Any:
     """The matrix as a pandas DataFrame: rows named by gene (or experiment id), columns by voxel
     index or region; what ``.parquet`` holds and :func:`ambasync.matrix` returns."""
@@ -191,7 +212,7 @@ def write_matrix(m: Matrix, to: str) -> Written:
             elif kind == ".csv":
                 _write_csv(m, tmp)
             elif kind == ".parquet":
-                as_frame(m).to_parquet(tmp, engine="pyarrow")
+                _write_parquet(m, tmp)
             else:
                 _write_h5ad(m, tmp)
         if kind == ".zarr":
