@@ -18,6 +18,14 @@ of its p-values.
   to read ``expression`` experiment by experiment (``correlate(voxel_major=False)``), and the
   largest difference in r between the two tables.
 * ``nulls``: the default 1,000 nulls on ``--nulls-experiments`` experiments, fresh process.
+* ``atlas``: with ``--atlas-cube DIR`` (a mirror folder of an atlas-sized cube, e.g. the replica's
+  26,078-experiment atlas scenario), one smooth map (or ``--atlas-map``) with ``--nulls 0``,
+  ``--nulls 1000`` and ``--nulls 1000 --by gene``, fresh processes, ``--atlas-mask`` (default the
+  real template brain, 63,545 voxels): wall, CPU, peak RSS, and the count of q < 0.05. Then the
+  machine's floor: the three float32 products' flops (3 x 2 x (nulls + 1) x voxels x experiments)
+  over this machine's measured single-thread float32 GEMM rate at the search's shapes, times the
+  cores; and whether float32 is exact enough: the largest |r| difference from float64 over a block
+  of the cube's experiments against the map and 1,000 smooth null-like columns.
 * ``calibration``: the share of p < 0.05 over ``--maps`` smooth random maps against smooth
   experiments (Gaussian-filtered noise in the real template brain mask, as tests/test_search.py),
   for the nulls ambasync uses, for plain phase randomisation (no overlap correction) and for the
@@ -173,6 +181,79 @@ def bench_nulls(work: Path, n: int, nulls: int) -> dict:
     return row
 
 
+def bench_floor(cube: Path, mask_path: Path, experiments: int, nulls: int = 1000) -> dict:
+    """This machine's floor for one search with ``nulls`` nulls, and float32's error against float64."""
+    import os
+
+    from scipy import ndimage
+    from threadpoolctl import threadpool_limits
+
+    from ambasync.analysis.search.stats import block_correlations, standardise_columns
+    from ambasync.cube.read import read_experiments
+
+    mask = _read_mask(mask_path)
+    voxels = int(mask.sum())
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((voxels, nulls + 1)).astype(np.float32)
+    left = rng.standard_normal((100, voxels)).astype(np.float32)  # a block: 50 experiments x [validity; values]
+    rates = {}
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            (y.T @ left.T)
+            best = np.inf
+            for _ in range(3):
+                t = time.process_time() if threads == 1 else time.perf_counter()
+                (y.T @ left.T)
+                best = min(best, (time.process_time() if threads == 1 else time.perf_counter()) - t)
+            rates[threads] = 2 * y.shape[0] * y.shape[1] * left.shape[0] / best / 1e9
+    flops = 3 * 2 * (nulls + 1) * voxels * experiments
+    cores = os.cpu_count() or 1
+    # float32 against float64 on real experiments of the cube: smooth columns like the nulls
+    block = read_experiments(str(cube), 0, 50).reshape(50, -1)[:, mask.ravel()]
+    cols = np.stack([ndimage.gaussian_filter(rng.standard_normal(mask.shape), 2.5)[mask] for _ in range(200)], axis=1)
+    y32, y2 = standardise_columns(cols.astype(np.float32))
+    r32, _ = block_correlations(block, y32, y2=y2)
+    valid = (block != -1) & np.isfinite(block)
+    r64 = np.full_like(r32, np.nan)
+    for i in range(len(block)):
+        if valid[i].sum() < 10:
+            continue
+        a = block[i, valid[i]].astype(np.float64)
+        a -= a.mean()
+        b = cols[valid[i]] - cols[valid[i]].mean(axis=0)
+        r64[i] = (a @ b) / np.sqrt((a @ a) * (b * b).sum(axis=0))
+    row = {"voxels": voxels, "experiments": experiments, "nulls": nulls, "flops": flops,
+           "gemm_gflops_1_thread_cpu": round(rates[1], 1), "gemm_gflops_2_threads_wall": round(rates[2], 1),
+           "floor_cpu_s": round(flops / (rates[1] * 1e9), 1),
+           "floor_wall_s_all_cores": round(flops / (rates[1] * 1e9) / cores, 1),
+           "float32_max_abs_r_error": float(np.nanmax(np.abs(r32 - r64)))}
+    print(row, file=sys.stderr)
+    return row
+
+
+def bench_atlas(work: Path, cube: Path, mask_path: Path, map_path: Path | None, nulls: int) -> dict:
+    import pandas as pd
+    import xarray as xr
+
+    n = xr.open_zarr(cube / "cube.zarr").sizes["experiment"]
+    if map_path is None:
+        rng = np.random.default_rng(3)
+        map_path = _save_map(np.where(_read_mask(TEMPLATE_MASK), _smooth(rng, (41, 67, 58), 2.5), 0.0),
+                             work / "atlas.nii")
+    rows = []
+    for label, extra in (("no nulls", ["--nulls", "0"]), (f"{nulls} nulls", ["--nulls", str(nulls)]),
+                         (f"{nulls} nulls, --by gene", ["--nulls", str(nulls), "--by", "gene"])):
+        to = work / "atlas.csv"
+        result = measure(f"search {label}", [PY, "-m", "ambasync", "search", str(map_path), "--out", str(cube),
+                                             "--to", str(to), "--mask", str(mask_path), "-q", *extra], n)
+        table = pd.read_csv(to)
+        rows.append({"search": label, "experiments": n, "wall_s": result.wall_s, "cpu_s": result.cpu_s,
+                     "peak_rss_mb": result.peak_rss_mb, "q<0.05": int((table["q"] < 0.05).sum()),
+                     "gpd_p": int((table.get("p_method", pd.Series(dtype=str)) == "gpd").sum())})
+        print(rows[-1], file=sys.stderr)
+    return {"runs": rows, "floor": bench_floor(cube / "cube.zarr", mask_path, n, nulls)}
+
+
 def bench_calibration(maps: int, nulls: int, settings: list[tuple[float, float]], experiments: int = 20) -> list[dict]:
     """Share of p < 0.05 over ``maps`` independent smooth maps × ``experiments`` smooth experiments."""
     from ambasync.analysis.search.nulls import null_spectrum, phase_randomised
@@ -213,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nulls", type=int, default=1000)
     p.add_argument("--maps", type=int, default=100, help="smooth random maps for the calibration")
     p.add_argument("--calibration-nulls", type=int, default=100)
-    p.add_argument("--only", choices=("rank", "nulls", "calibration", "voxel"), help="one measurement only")
+    p.add_argument("--only", choices=("rank", "nulls", "calibration", "voxel", "atlas"), help="one measurement only")
+    p.add_argument("--atlas-cube", type=Path, help="mirror folder of an atlas-sized cube (the atlas measurement)")
+    p.add_argument("--atlas-mask", type=Path, default=TEMPLATE_MASK, help="mask image for the atlas measurement")
+    p.add_argument("--atlas-map", type=Path, help="map for the atlas measurement (default: smooth noise)")
     p.add_argument("--cube", type=Path,
                    help="mirror folder of a cube with the voxel-major copy (the voxel measurement)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
@@ -229,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {}
     work = Path(tempfile.mkdtemp(prefix="bench-search-"))
     try:
+        if args.atlas_cube and args.only in (None, "atlas"):
+            report["atlas"] = bench_atlas(work, args.atlas_cube, args.atlas_mask, args.atlas_map, args.nulls)
         if args.only in (None, "calibration"):
             report["calibration"] = bench_calibration(args.maps, args.calibration_nulls, [(2.5, 2.5), (4.0, 1.5)])
         if args.cube and args.only in (None, "voxel"):
