@@ -91,7 +91,7 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
         labels = labels_on_grid(recipe, ds)
 
     t0 = time.monotonic()
-    with compute_on(scheduler):
+    with compute_on(scheduler) as client:
         mask = resolve_mask(recipe.mask, ds, resample=recipe.resample_images)
         mask_flat = mask.ravel()
         n_vox = int(mask_flat.sum())
@@ -111,7 +111,8 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
         grouped = filled = 0
         least_missing = 1.0
         for rows, masked in read_blocks(ds[recipe.variable].data, sel, mask_flat, mirror_axis, digest, progress,
-                                        plan.read_block):
+                                        plan.read_block, location=cube_location(out) if client is None else None,
+                                        variable=recipe.variable):
             x = mark_missing(masked, recipe.zero_is_missing)
             del masked
             if recipe.log2:

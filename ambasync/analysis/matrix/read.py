@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ambasync.matrix")
 
 BLOCK_EXPERIMENTS = 128  # experiments read per block: ~80 MB of float32 grids on the 200 µm grid
+READ_THREADS = 4  # read_experiments calls in flight (zarr's own I/O and decoding run beneath them)
 
 
 def read_catalogue(ds: Any) -> Any:
@@ -35,13 +36,17 @@ def read_catalogue(ds: Any) -> Any:
 
 
 def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: int | None,
-                digest: Any, progress: bool, block: int = BLOCK_EXPERIMENTS
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                digest: Any, progress: bool, block: int = BLOCK_EXPERIMENTS, location: str | None = None,
+                variable: str = "expression") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows of this block in ``sel`` order, masked float32 voxels), whole genes per block of
-    about ``block`` experiments (the memory budget sets it). The next block is read (dask:
-    decompression on every core) while the caller works on this one.
-    Not :func:`ambasync.cube.read.read_experiments`, which reads a range of storage positions: a
-    recipe's experiments are scattered positions (one plane, a gene list), gathered here."""
+    about ``block`` experiments (the memory budget sets it). The next block is read while the
+    caller works on this one.
+
+    With ``location`` (computing on this machine) each run of consecutive storage positions of
+    the block is one :func:`ambasync.cube.read.read_experiments` call, READ_THREADS at once:
+    zarr then fetches and decodes a run's chunks together, 2-2.5x faster than a dask task per
+    chunk (measured on the atlas bench). Without it (a ``--scheduler`` cluster) the dask array
+    ``data`` is gathered by the cluster's workers."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -59,11 +64,22 @@ def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: i
     n_vox = int(mask_flat.sum())
     where = np.flatnonzero(mask_flat)
 
+    runs_pool = ThreadPoolExecutor(READ_THREADS) if location is not None else None
+
+    def gather(positions: np.ndarray) -> np.ndarray:
+        """The volumes at sorted ``positions``: a read_experiments call per run of consecutive ones."""
+        from ambasync.cube.read import read_experiments
+
+        cuts = np.flatnonzero(np.diff(positions) != 1) + 1
+        runs = np.split(positions, cuts)
+        parts = list(runs_pool.map(lambda r: read_experiments(location, int(r[0]), int(r[-1]) + 1, variable), runs))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def load(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(start, stop)
         pos = sel.positions[rows]
         order = np.argsort(pos, kind="stable")  # read the cube in storage order, then put back
-        raw = np.asarray(data[pos[order]].compute())
+        raw = gather(pos[order]) if runs_pool is not None else np.asarray(data[pos[order]].compute())
         if mirror_axis is not None:
             sag = sel.planes[rows][order] == "sagittal"
             if sag.any():
@@ -73,14 +89,18 @@ def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: i
         return rows, masked
 
     bar = Progress("reading the cube", n, "experiments", progress)
-    with ThreadPoolExecutor(1) as reader:
-        ahead = reader.submit(load, *bounds[0]) if bounds else None
-        for i in range(len(bounds)):
-            rows, masked = ahead.result()
-            ahead = reader.submit(load, *bounds[i + 1]) if i + 1 < len(bounds) else None
-            digest.update(np.ascontiguousarray(masked, dtype="<f4").tobytes())
-            bar.update(len(rows))
-            yield rows, masked
+    try:
+        with ThreadPoolExecutor(1) as reader:
+            ahead = reader.submit(load, *bounds[0]) if bounds else None
+            for i in range(len(bounds)):
+                rows, masked = ahead.result()
+                ahead = reader.submit(load, *bounds[i + 1]) if i + 1 < len(bounds) else None
+                digest.update(np.ascontiguousarray(masked, dtype="<f4").tobytes())
+                bar.update(len(rows))
+                yield rows, masked
+    finally:
+        if runs_pool is not None:
+            runs_pool.shutdown()
     bar.close()
 
 
