@@ -415,6 +415,10 @@ def test_other_host_warns_that_there_is_no_authentication(tmp_path, capsys, logg
     assert "NO authentication" in err and code == 2  # warned, then the missing cube stops it before binding
     code = main(["view", "--out", str(tmp_path / "nothing"), "--port", "0"])
     assert "authentication" not in capsys.readouterr().err and code == 2
+    for bad in (["--seed-planes", "axial"], ["--port", "70000"], ["--maps", str(tmp_path / "none")]):
+        code = main(["view", "--out", str(tmp_path / "nothing"), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and bad[0] in err, (bad, err)
 
 
 async def test_the_app_answers_while_the_cube_opens(world):

@@ -289,7 +289,7 @@
         r.top_genes.map((g) => `<tr data-id="${g.experiment_id}"><td>${esc(g.gene)}</td><td>${g.experiment_id}</td><td>${fmt(g.value)}</td><td>${fmt(g.ratio, 2)}</td></tr>`).join("") + "</tbody>";
       await setRow("b", r.layer);
     } catch (e) {
-      if (e.status === 503 && attempt < 60 && /loading/.test(e.message)) { $("seed-info").textContent = e.message; await new Promise((res) => setTimeout(res, 1000)); return seed(z, y, x, attempt + 1); }
+      if (e.status === 503 && attempt < 600 && /loading/.test(e.message)) { $("seed-info").textContent = e.message; await new Promise((res) => setTimeout(res, 1000)); return seed(z, y, x, attempt + 1); }
       $("seed-info").textContent = e.message;
     }
   }
