@@ -170,6 +170,10 @@ def test_scenarios(server, browser, shots):
     wait_for(d, "return document.getElementById('voxel-info').textContent.includes('mm')")
     info = d.find_element(By.ID, "voxel-info").text
     assert "label" in info and "Pdyn" in info
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(d).move_to_element(d.find_element(By.ID, "a-y")).perform()
+    wait_for(d, "return document.getElementById('hover').textContent.includes(' mm: ')")
 
     # 3. click a voxel: the seed map appears beside, with the genes most expressed there
     d.execute_script("document.getElementById('seed-mode').checked = true")
@@ -190,6 +194,8 @@ def test_scenarios(server, browser, shots):
     rows[0].click()
     wait_for(d, f"return document.getElementById('a-z').dataset.layer === 'experiment:{NRP1}' && "
                 "document.getElementById('b-z').dataset.layer === 'map:file:planted.nii.gz'")
+    wait_for(d, "return document.getElementById('voxel-info').textContent.includes('Nrp1 74272479')")
+    assert "Pdyn" not in d.find_element(By.ID, "voxel-info").text  # the panel follows the layers shown
     d.save_screenshot(str(shots / "5-search.png"))
 
     # the mouse wheel over the axial slice steps through z

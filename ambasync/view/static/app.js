@@ -90,6 +90,7 @@
     if (!row) { const e = await api(`/api/experiment?id=${id}`); state.gene = { gene: e.gene, gene_name: e.gene_name, experiments: e.same_gene }; row = e;
       $("gene-title").textContent = e.gene; $("gene-name").textContent = `${e.gene_name || ""} — ${e.same_gene.length} experiment(s)`; }
     state.experiment = id;
+    if (document.activeElement !== $("find")) $("find").value = state.gene.gene;
     $("experiments").innerHTML = state.gene.experiments.map((e) =>
       `<button data-id="${e.experiment_id}" class="${e.experiment_id === id ? "current" : ""}">${esc(e.plane)} ${e.experiment_id}</button>`).join("");
     $("catalogue").innerHTML = Object.entries(row).filter(([k]) => k !== "same_gene")
@@ -109,7 +110,12 @@
   async function setRow(row, layer) {
     state.rows[row] = layer;
     $(`row-${row}`).hidden = !layer;
-    await refresh([row]);
+    await Promise.all([refresh([row]), state.clicked ? voxelInfo() : null]);  // the panel follows the layers shown
+  }
+  function voxelInfo() {
+    const [z, y, x] = state.pos;
+    const layers = [state.rows.a, state.rows.b].filter(Boolean).join(";");
+    return api(`/api/voxel?z=${z}&y=${y}&x=${x}&layers=${encodeURIComponent(layers)}`).then(showVoxel);
   }
   async function refresh(rows) {
     rows = rows || ["a", "b"];
@@ -251,6 +257,23 @@
       moved($("seed-mode").checked).catch(showError);
     });
   }
+  // the world coordinates under the mouse, without asking the server
+  for (const canvas of document.querySelectorAll("canvas.slice")) {
+    canvas.addEventListener("mousemove", (ev) => {
+      const s = state.slices[canvas.dataset.row][canvas.dataset.axis];
+      if (!s || !state.info) return;
+      const rect = canvas.getBoundingClientRect();
+      const px = (ev.clientX - rect.left) * canvas.width / rect.width - M.left, py = (ev.clientY - rect.top) * canvas.height / rect.height - M.top;
+      const [h, w] = s.shape, c = Math.floor(px / SCALE), r = h - 1 - Math.floor(py / SCALE);
+      if (c < 0 || c >= w || r < 0 || r >= h) { $("hover").textContent = ""; return; }
+      const p = state.pos.slice(), [dr, dc] = dimsOf(s.axis);
+      p[axisIndex[dr]] = r; p[axisIndex[dc]] = c;
+      const v = s.values[r][c], cm = state.info.coords_mm;
+      $("hover").textContent = `x ${cm.x[p[2]].toFixed(2)}, y ${cm.y[p[1]].toFixed(2)}, z ${cm.z[p[0]].toFixed(2)} mm: ` +
+        (v === null ? "—" : s.nodata !== null && v === s.nodata ? "no data" : fmt(v, 3));
+    });
+    canvas.addEventListener("mouseleave", () => { $("hover").textContent = ""; });
+  }
   // the wheel over a slice moves through its axis (one voxel per notch), as in other viewers
   for (const canvas of document.querySelectorAll("canvas.slice")) {
     canvas.addEventListener("wheel", (ev) => {
@@ -266,8 +289,8 @@
   }
   async function moved(seedToo) {
     const [z, y, x] = state.pos;
-    const layers = [state.rows.a, state.rows.b].filter(Boolean).join(";");
-    const tasks = [refresh(), api(`/api/voxel?z=${z}&y=${y}&x=${x}&layers=${encodeURIComponent(layers)}`).then(showVoxel)];
+    state.clicked = true;
+    const tasks = [refresh(), voxelInfo()];
     if (seedToo) tasks.push(seed(z, y, x));
     await Promise.all(tasks);
   }
