@@ -11,6 +11,8 @@ Three measurements, each from one run on this machine:
 * ``atlas``: the atlas-scale coronal set (``--atlas`` experiments, ~2 per gene, grids cycled
   from 64 synthetic variants) on the same mask: wall time and peak RSS of the whole process tree,
   for CSV and for .h5ad output.
+* The atlas-scale table of issue 19 (the default recipe with KNN on 4,345 coronal experiments, the
+  sagittal set, gene x region, the read and BLAS floors) is ``python -m bench.atlas_matrix all``.
 * ``knn``: KNN imputation alone (scikit-learn's KNNImputer, as MHTS) at a few matrix shapes,
   to give its scaling: quadratic in voxels, linear in genes.
 """
