@@ -10,10 +10,11 @@ that mean (0 after centring). A seed map is then one matrix-vector product: ``ro
 experiments a mask voxel can lack, the missing value is imputed by the voxel's mean).
 
 Memory: ``voxels x experiments x 4`` bytes as float32; when that exceeds the budget the rows
-are held as float16 (half) and converted block by block for the product. At 4,345 coronal
-experiments and 61,315 mask voxels: 1.07 GB float32 within the default 1.5 GB budget, plus a
-bitmask of missing values (1 bit each, 33 MB) and the per-voxel mean and norm, to give back
-the raw values at a seed for "the genes most expressed there".
+are held as int8 with one scale per row (a quarter of the memory; r within ~1e-3; the cube is then
+read twice, sums first), converted block by block for the product. At 4,345 coronal experiments
+and 61,315 mask voxels: 1.07 GB float32 within the default 1.5 GB budget, plus a bitmask of
+missing values (1 bit each, 33 MB) and the per-voxel mean and norm, to give back the raw values
+at a seed for "the genes most expressed there".
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ log = logging.getLogger("ambasync.view")
 COVERAGE_MIN = 0.8  # the coronal "bin 0.8" mask
 DEFAULT_BUDGET_MB = 1536
 READ_BLOCK = 64  # experiments per read (64 x 637 KB = 41 MB of float32 in flight; bounds the peak RSS)
-PRODUCT_ROWS = 8192  # rows converted at once when held as float16
+PRODUCT_ROWS = 8192  # rows converted at once when held as int8
 MIN_STD = 1e-5  # below this standard deviation across experiments a voxel counts as constant
-NORM_ROWS = 1024  # rows centred and scaled at once (float64 sums: 1024 x 4,345 x 8 = 36 MB transient)
+NORM_ROWS = 1024  # rows centred and scaled at once, in place
 
 
 class Coexpression:
@@ -56,15 +57,15 @@ class Coexpression:
         self.row_of[self.voxels] = np.arange(self.voxels.size)
         self.n_voxels = int(self.voxels.size)
         nbytes = self.n_voxels * self.n_experiments * 4
-        self.dtype = np.float32 if nbytes <= budget_mb * 1e6 else np.float16
+        self.dtype = np.float32 if nbytes <= budget_mb * 1e6 else np.int8
         self.memory_mb = (self.n_voxels * self.n_experiments * np.dtype(self.dtype).itemsize
                           + self.n_voxels * ((self.n_experiments + 7) // 8)) / 1e6
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
-        if self.n_voxels * self.n_experiments * 2 > budget_mb * 1e6:
+        if self.n_voxels * self.n_experiments > budget_mb * 1e6:
             self.state = "failed"
             self.error = (f"{self.n_experiments} {plane} experiments x {self.n_voxels} voxels need "
-                          f"{self.n_voxels * self.n_experiments * 2 / 1e6:.0f} MB even as float16, over the "
+                          f"{self.n_voxels * self.n_experiments / 1e6:.0f} MB even as int8, over the "
                           f"{budget_mb} MB budget: start the viewer with a larger --memory-budget")
             self._ready.set()
 
@@ -87,27 +88,14 @@ class Coexpression:
         finally:
             self._ready.set()
 
-    def load(self) -> None:
+    def _blocks(self):
+        """(columns, values (voxels x experiments of the block), absent) for every block of the
+        plane's experiments, read in storage order (one zarr call per run of slots)."""
         from ambasync.cube.read import read_experiments
 
-        start = time.monotonic()
-        self.state = "loading"
-        n_vox, n_exp = self.n_voxels, self.n_experiments
-        if n_vox < 2 or n_exp < 3:
-            raise ViewError(f"co-expression needs >= 3 {self.plane} experiments and a coverage mask; the cube has "
-                            f"{n_exp} experiments and {n_vox} mask voxels")
-        rows = np.empty((n_vox, n_exp), dtype=self.dtype)
-        missing = np.zeros((n_vox, n_exp), dtype=bool) if n_exp <= READ_BLOCK else None
-        packed = np.zeros((n_vox, (n_exp + 7) // 8), dtype=np.uint8)
-        sums = np.zeros(n_vox, dtype=np.float64)
-        counts = np.zeros(n_vox, dtype=np.int64)
-        self.brain_mean = np.full(n_exp, np.nan)
         positions = np.array([self.data.position[int(i)] for i in self.ids])
-        # read in storage order, in runs of consecutive slots (one zarr call per run)
         order = np.argsort(positions, kind="stable")
-        done = 0
-        ref = None
-        for b in range(0, n_exp, READ_BLOCK):
+        for b in range(0, self.n_experiments, READ_BLOCK):
             cols = order[b:b + READ_BLOCK]
             pos = positions[cols]
             lo, hi = int(pos.min()), int(pos.max()) + 1
@@ -115,41 +103,79 @@ class Coexpression:
                 block = read_experiments(self.data.location, lo, hi)[pos - lo]
             else:
                 block = np.stack([read_experiments(self.data.location, int(p), int(p) + 1)[0] for p in pos])
-            values = block.reshape(len(cols), -1)[:, self.voxels].T  # (voxels, experiments of the block)
-            absent = values == -1
+            values = block.reshape(len(cols), -1)[:, self.voxels].T
+            yield cols, values, values == -1
+
+    def load(self) -> None:
+        """float32: one pass (raw values less a per-voxel reference, then centred and scaled in
+        place). int8: two passes over the cube (sums, then the scaled values quantised with one scale
+        per row), so that memory never holds more than the int8 matrix."""
+        start = time.monotonic()
+        self.state = "loading"
+        n_vox, n_exp = self.n_voxels, self.n_experiments
+        if n_vox < 2 or n_exp < 3:
+            raise ViewError(f"co-expression needs >= 3 {self.plane} experiments and a coverage mask; the cube has "
+                            f"{n_exp} experiments and {n_vox} mask voxels")
+        quantised = self.dtype == np.int8
+        passes = 2 if quantised else 1
+        rows = np.empty((n_vox, n_exp), dtype=self.dtype)
+        packed = np.zeros((n_vox, (n_exp + 7) // 8), dtype=np.uint8)
+        s1 = np.zeros(n_vox, dtype=np.float64)  # sums of (value - ref) where present
+        s2 = np.zeros(n_vox, dtype=np.float64)
+        lo_d = np.full(n_vox, np.inf)
+        hi_d = np.full(n_vox, -np.inf)
+        counts = np.zeros(n_vox, dtype=np.int64)
+        self.brain_mean = np.full(n_exp, np.nan)
+        ref = None
+        done = 0
+        for cols, values, absent in self._blocks():
             present = ~absent
+            if ref is None:  # values less a per-voxel reference: the spread, not the level, is stored
+                ref = (np.where(present, values, 0).sum(axis=1) / np.maximum(present.sum(axis=1), 1)).astype(np.float32)
             self.brain_mean[cols] = [float(values[present[:, j], j].mean()) if present[:, j].any() else np.nan
                                      for j in range(len(cols))]
-            sums += np.where(present, values, 0).sum(axis=1)
+            d = np.where(present, values - ref[:, None], 0).astype(np.float64)
+            s1 += d.sum(axis=1)
+            s2 += (d * d).sum(axis=1)
             counts += present.sum(axis=1)
-            if ref is None:  # float16 keeps 11 bits: store values less a per-voxel reference, not raw
-                ref = np.where(present.any(axis=1), np.where(present, values, 0).sum(axis=1)
-                               / np.maximum(present.sum(axis=1), 1), 0).astype(np.float32)
-            rows[:, cols] = np.where(absent, np.nan, values - ref[:, None]).astype(self.dtype)
-            if missing is not None:
-                missing[:, cols] = absent
+            if quantised:
+                lo_d = np.minimum(lo_d, np.where(present, d, np.inf).min(axis=1))
+                hi_d = np.maximum(hi_d, np.where(present, d, -np.inf).max(axis=1))
             else:
-                for j, c in enumerate(cols):
-                    packed[:, c // 8] |= absent[:, j].astype(np.uint8) * np.uint8(1 << (7 - c % 8))
+                rows[:, cols] = np.where(absent, np.nan, values - ref[:, None])
+            for j, c in enumerate(cols):
+                packed[:, c // 8] |= absent[:, j].astype(np.uint8) * np.uint8(1 << (7 - c % 8))
             done += len(cols)
-            self.progress = done / n_exp
-        if missing is not None:
-            packed = np.packbits(missing, axis=1)
-            del missing
-        self.mean = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
-        self.norm = np.zeros(n_vox, dtype=np.float32)
-        for r in range(0, n_vox, NORM_ROWS):
-            part = rows[r:r + NORM_ROWS].astype(np.float32)
-            part -= (self.mean - ref)[r:r + NORM_ROWS, None]
-            np.nan_to_num(part, copy=False, nan=0.0)
-            norm = np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64)).astype(np.float32)
-            # a voxel that varies by less than 1e-5 (energy units; Allen's values run 0..~30) is
-            # constant: its r would be rounding noise (and differ between float32 and float16)
-            norm[norm < MIN_STD * np.sqrt(np.maximum(counts[r:r + NORM_ROWS], 1))] = 0
-            self.norm[r:r + NORM_ROWS] = norm
-            part /= np.where(norm > 0, norm, 1)[:, None]
-            rows[r:r + NORM_ROWS] = part
+            self.progress = done / n_exp / passes
+        mean_d = s1 / np.maximum(counts, 1)
+        norm = np.sqrt(np.maximum(s2 - counts * mean_d ** 2, 0))
+        # a voxel that varies by less than 1e-5 (energy units; Allen's values run 0..~30) is
+        # constant: its r would be rounding noise
+        norm[norm < MIN_STD * np.sqrt(np.maximum(counts, 1))] = 0
+        self.mean = (ref + mean_d).astype(np.float32)
+        self.norm = norm.astype(np.float32)
+        safe = np.where(norm > 0, norm, 1)
+        if quantised:
+            amplitude = np.maximum(np.abs(hi_d - mean_d), np.abs(lo_d - mean_d)) / safe
+            self.scale = np.where(np.isfinite(amplitude) & (amplitude > 0), amplitude / 127, 1).astype(np.float32)
+            done = 0
+            for cols, values, absent in self._blocks():
+                z = (values - ref[:, None] - mean_d[:, None]) / (safe * self.scale)[:, None]
+                z[absent] = 0
+                z[norm == 0] = 0
+                rows[:, cols] = np.clip(np.rint(z), -127, 127).astype(np.int8)
+                done += len(cols)
+                self.progress = 0.5 + done / n_exp / 2
+        else:
+            self.scale = np.ones(n_vox, dtype=np.float32)
+            for r in range(0, n_vox, NORM_ROWS):
+                part = rows[r:r + NORM_ROWS]
+                part -= mean_d[r:r + NORM_ROWS, None].astype(np.float32)
+                np.nan_to_num(part, copy=False, nan=0.0)
+                part /= safe[r:r + NORM_ROWS, None].astype(np.float32)
+                part[norm[r:r + NORM_ROWS] == 0] = 0
         self.rows, self.missing_bits = rows, packed
+        self.progress = 1.0
         self.load_seconds = time.monotonic() - start
         self.state = "ready"
         log.info("co-expression: %d %s experiments x %d voxels in memory (%.0f MB, %s) in %.1f s", n_exp, self.plane,
@@ -184,10 +210,12 @@ class Coexpression:
     def correlation(self, z: int, y: int, x: int) -> np.ndarray:
         """Every voxel's correlation with the seed, on the cube's grid (NaN outside the mask)."""
         row = self._row(z, y, x)
-        seed = self.rows[row].astype(np.float32)
+        seed = self.rows[row].astype(np.float32) * self.scale[row]
         r = np.empty(self.n_voxels, dtype=np.float32)
         for a in range(0, self.n_voxels, PRODUCT_ROWS):
             r[a:a + PRODUCT_ROWS] = self.rows[a:a + PRODUCT_ROWS].astype(np.float32, copy=False) @ seed
+            if self.dtype == np.int8:
+                r[a:a + PRODUCT_ROWS] *= self.scale[a:a + PRODUCT_ROWS]
         r[self.norm == 0] = np.nan
         out = np.full(self.mask.size, np.nan, dtype=np.float32)
         out[self.voxels] = np.clip(r, -1, 1)
@@ -196,7 +224,7 @@ class Coexpression:
     def seed_values(self, z: int, y: int, x: int) -> np.ndarray:
         """The raw expression at the seed in each experiment (NaN where it has no data)."""
         row = self._row(z, y, x)
-        raw = self.rows[row].astype(np.float64) * float(self.norm[row]) + float(self.mean[row])
+        raw = self.rows[row].astype(np.float64) * float(self.scale[row] * self.norm[row]) + float(self.mean[row])
         absent = np.unpackbits(self.missing_bits[row], count=self.n_experiments).astype(bool)
         raw[absent] = np.nan
         return raw
