@@ -112,3 +112,27 @@ def test_local_and_cluster_give_identical_tables_with_tail_and_reproducibility(g
     assert (local.experiments["p_method"] == "gpd").any()
     assert local.experiments.equals(remote.experiments)
     assert local.genes.equals(remote.genes)
+
+
+def test_reproducibility_is_kept_beside_the_cube_and_read_back_unchanged(gene_cube):
+    """It depends on the cube and the mask, not the map: the second search reads it from
+    .ambasync/search/ beside the cube, the same table; another mask is another entry."""
+    import xarray as xr
+
+    from ambasync.analysis.search.replication import cache_path, cube_gene_reproducibility
+
+    folder, experiments, arrays = gene_cube
+    location = str(folder / "cube.zarr")
+    ds = xr.open_zarr(location)
+    genes = np.array([e.gene for e in experiments])
+    mask = (arrays != -1).any(axis=0)
+    fresh = cube_gene_reproducibility(location, ds, genes, mask, cache=False)
+    first = cube_gene_reproducibility(location, ds, genes, mask)
+    path = cache_path(location, ds, genes, mask)
+    assert path is not None and path.is_file() and path.parent == folder / ".ambasync" / "search"
+    again = cube_gene_reproducibility(location, ds, genes, mask)
+    for table in (first, again):
+        pd.testing.assert_frame_equal(table[["reproducibility", "replicated"]], fresh[["reproducibility", "replicated"]])
+    other = mask.copy()
+    other[:, :, : SIZES[2] // 2] = False
+    assert cache_path(location, ds, genes, other) != path

@@ -277,7 +277,7 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
                               "n_experiments": counts, "experiment_ids": ids.reindex(names).to_numpy(),
                               "p_method": how})
         genes["q"] = bh_q(genes["p_spatial"].to_numpy())
-        reproducible = cube_gene_reproducibility(location, ds["expression"], catalogue["gene"].to_numpy(),
+        reproducible = cube_gene_reproducibility(location, ds, catalogue["gene"].to_numpy(),
                                                  voxels_mask, scheduler, progress)
         genes["reproducibility"] = reproducible["reproducibility"].reindex(names).to_numpy()
         genes["replicated"] = reproducible["replicated"].reindex(names).to_numpy()

@@ -9,6 +9,7 @@ more than one, in batches, by dask tasks where the search computes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,11 +42,70 @@ def read_rows(location: str, positions: np.ndarray, voxels: np.ndarray) -> np.nd
     return out
 
 
-def cube_gene_reproducibility(location: str, expression: Any, genes: np.ndarray, mask: np.ndarray,
-                              scheduler: str | None = None, progress: bool = False) -> pd.DataFrame:
+def cache_path(location: str, cube: Any, genes: np.ndarray, mask: np.ndarray) -> Path | None:
+    """Where the table for this cube and mask is kept: ``.ambasync/search/`` beside a local cube
+    (the mirror's own metadata folder), named by a hash of what it depends on: the cube's path,
+    its ``updated`` stamp, its experiments and genes, and the mask. None for a remote cube."""
+    import hashlib
+
+    if "://" in str(location):
+        return None
+    digest = hashlib.sha256()
+    expression = cube  # the cube's Dataset (its attrs, sizes and experiment ids)
+    attrs = getattr(expression, "attrs", {}) or {}
+    for part in (str(Path(location).resolve()), str(attrs.get("updated", "")),
+                 str(dict(getattr(expression, "sizes", {})))):
+        digest.update(part.encode() + b"\0")
+    experiments = getattr(expression, "coords", {}).get("experiment") if hasattr(expression, "coords") else None
+    if experiments is not None:
+        digest.update(np.asarray(experiments.values, dtype=np.int64).tobytes())
+    digest.update("\0".join(np.asarray(genes).astype(str).tolist()).encode())
+    digest.update(np.packbits(np.asarray(mask, dtype=bool).ravel()).tobytes())
+    return Path(location).resolve().parent / ".ambasync" / "search" / f"reproducibility-{digest.hexdigest()[:24]}.csv"
+
+
+def _read_cached(path: Path | None) -> pd.DataFrame | None:
+    import pandas as pd
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path, index_col="gene", keep_default_na=False, na_values=[""])
+        table["replicated"] = table["replicated"].map({True: True, False: False, "True": True,
+                                                       "False": False}).astype("boolean")
+        return table
+    except Exception:  # a damaged cache is recomputed, never trusted
+        return None
+
+
+def _write_cached(path: Path | None, table: pd.DataFrame) -> None:
+    if path is None:
+        return
+    try:
+        from ambasync.files import atomic_path
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp)
+    except OSError:  # a read-only mirror: no cache, same result
+        pass
+
+
+def cube_gene_reproducibility(location: str, cube: Any, genes: np.ndarray, mask: np.ndarray,
+                              scheduler: str | None = None, progress: bool = False,
+                              cache: bool = True) -> pd.DataFrame:
     """:func:`gene_reproducibility` of every gene of the cube over ``mask``'s voxels, reading only
     the experiments of genes with two or more (in batches of about ``BATCH_EXPERIMENTS``, each
-    read by dask tasks where ``scheduler`` says)."""
+    read by dask tasks where ``scheduler`` says).
+
+    It depends on the cube and the mask, not on the map, and costs about as much as a search
+    with 1,000 nulls on the replica's atlas (every experiment read and sorted, every pair
+    ranked), so with ``cache`` it is kept beside a local cube (:func:`cache_path`) and read back
+    by later searches of the same cube and mask."""
+    where = cache_path(location, cube, genes, mask) if cache else None
+    cached = _read_cached(where)
+    if cached is not None:
+        return cached
     import dask
     import pandas as pd
 
@@ -81,6 +141,7 @@ def cube_gene_reproducibility(location: str, expression: Any, genes: np.ndarray,
     table = table[~table.index.duplicated()]  # each batch lists only its genes; kept for safety
     table = table.reindex(names)
     table["n_experiments"] = counts
+    _write_cached(where, table)
     return table
 
 
