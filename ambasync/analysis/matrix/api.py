@@ -113,7 +113,8 @@ mirror_hemisphere, homologs, labels, label_table, region_means
     built = build_matrix(location, rec, scheduler=scheduler, progress=not quiet, **_extra(memory=memory))
     facts = dict(built.facts)
     if to is not None:
-        written = write_row_image(built, volume, str(to)) if volume else write_matrix(built, str(to))
+        written = (write_row_image(built, volume, str(to)) if volume
+                   else write_matrix(built, str(to), progress=not quiet))
         facts.update(written=written.path, recipe_path=written.recipe_path, methods_path=written.methods_path)
     result = to_anndata(built) if as_anndata else as_frame(built)
     if as_anndata:

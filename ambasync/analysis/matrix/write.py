@@ -91,7 +91,7 @@ def _csv_rows(block: Any, labels: list[str]) -> bytes | memoryview:
     return memoryview(rows.buffers()[2])[bounds[0]:bounds[-1]]
 
 
-def _write_csv(m: Matrix, tmp: Path) -> None:
+def _write_csv(m: Matrix, tmp: Path, bar: Any = None) -> None:
     """MHTS's layout (pandas ``to_csv``: a ``Gene`` index column, then one column per voxel, NaN
     empty), formatted in row batches on every core: pandas' to_csv takes minutes at atlas scale."""
     from concurrent.futures import ThreadPoolExecutor
@@ -105,14 +105,20 @@ def _write_csv(m: Matrix, tmp: Path) -> None:
         pending: list[Any] = []
         for start in batches:  # at most `workers` batches formatted ahead: memory stays bounded
             stop = start + CSV_BATCH_ROWS
-            pending.append(pool.submit(_csv_rows, m.values[start:stop], labels[start:stop]))
+            pending.append((pool.submit(_csv_rows, m.values[start:stop], labels[start:stop]),
+                            len(labels[start:stop])))
             if len(pending) > workers:
-                fh.write(pending.pop(0).result())
-        for future in pending:
+                future, n = pending.pop(0)
+                fh.write(future.result())
+                if bar is not None:
+                    bar.update(n)
+        for future, n in pending:
             fh.write(future.result())
+            if bar is not None:
+                bar.update(n)
 
 
-def _write_parquet(m: Matrix, tmp: Path) -> None:
+def _write_parquet(m: Matrix, tmp: Path, bar: Any = None) -> None:
     """What ``as_frame(m).to_parquet(tmp)`` writes (its schema and pandas metadata: pandas reads
     back the same frame), with one Arrow copy of the matrix beside it: the columns are copied
     from the matrix one by one, where pandas' conversion held ~2 copies more (3.2 GB for a 1.1 GB
@@ -126,8 +132,11 @@ def _write_parquet(m: Matrix, tmp: Path) -> None:
     schema = pa.Schema.from_pandas(head)
     labels = pa.array([str(r) for r in m.rows], type=schema.field(m.row_label).type)
     arrays = {m.row_label: labels}
+    step = max(1, len(head.columns) // 100)
     for j, name in enumerate(head.columns):
         arrays[name] = pa.array(np.ascontiguousarray(m.values[:, j]), type=pa.float64())
+        if bar is not None and (j + 1) % step == 0:
+            bar.update(step * len(m.rows))
     table = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
     del arrays
     pq.write_table(table, tmp, use_dictionary=False)  # float columns: a dictionary only costs time
@@ -194,10 +203,12 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_matrix(m: Matrix, to: str) -> Written:
+def write_matrix(m: Matrix, to: str, progress: bool = False) -> Written:
     """The matrix at ``to`` (format by extension) with ``{to}.recipe.toml`` and ``{to}.methods.md``,
-    all atomically: each is written under a temporary name, then renamed, the matrix last."""
+    all atomically: each is written under a temporary name, then renamed, the matrix last.
+    ``progress``: CSV and Parquet report rows (Parquet: cells converted) with an ETA."""
     from ambasync.analysis.matrix.methods import methods_text
+    from ambasync.progress import Progress
 
     kind = output_kind(to, None)
     path = Path(to)
@@ -210,9 +221,11 @@ def write_matrix(m: Matrix, to: str) -> Written:
             if kind == ".zarr":
                 _write_zarr(m, tmp)
             elif kind == ".csv":
-                _write_csv(m, tmp)
+                with Progress("writing", len(m.rows), "rows", progress) as bar:
+                    _write_csv(m, tmp, bar)
             elif kind == ".parquet":
-                _write_parquet(m, tmp)
+                with Progress("writing", int(m.values.size), "cells", progress) as bar:
+                    _write_parquet(m, tmp, bar)
             else:
                 _write_h5ad(m, tmp)
         if kind == ".zarr":
