@@ -20,15 +20,16 @@ COVERAGE_THRESHOLD = 0.8  # the "bin 0.8" coverage masks labs use
 NAMED_MASKS = ("coronal", "sagittal", "brain")
 
 
-def resolve_mask(spec: str, ds: xr.Dataset, resample: bool = False, *, align: str | None = None) -> np.ndarray:
+def resolve_mask(spec: str, ds: xr.Dataset, resample: bool = False, *, align: str | None = "world") -> np.ndarray:
     """Voxels to use, as a bool array over (zspace, yspace, xspace): a named mask of the cube
     (``coronal``/``sagittal``: coverage ≥ 0.8; ``brain``: data in any experiment) or an image
     file's nonzero voxels on the cube's grid.
 
     ``align`` (an image's): ``"voxel"`` takes it index for index (it must have the cube's shape);
-    ``"world"`` or ``None`` resample it by world coordinates when ``resample`` (nearest voxel), and
-    ``None`` stops on a grid with the cube's shape and step but an origin more than half a voxel
-    away (:func:`ambasync.imaging.regrid.align_image`)."""
+    ``"world"`` (the default, as ``matrix`` has always done) or ``None`` resample it by world
+    coordinates when ``resample`` (nearest voxel), and ``None`` (``search`` without ``--align``)
+    stops on a grid with the cube's shape and step but an origin more than half a voxel away
+    (:func:`ambasync.imaging.regrid.align_image`)."""
     if spec in ("coronal", "sagittal"):
         coverage = ds.get(f"coverage_{spec}")
         if coverage is None:
