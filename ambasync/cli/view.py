@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                                         "(or name) column")
     p.add_argument("--maps", metavar="DIR", help="a folder of maps (.mnc, .nii, .nii.gz) offered for search")
     p.add_argument("--memory-budget", type=int, default=None, metavar="MB",
-                   help="memory for the co-expression profiles (default 1536; beyond it they are kept as float16)")
+                   help="memory for the co-expression profiles (default 1536; beyond it they are kept as int8)")
     p.add_argument("--seed-planes", default="coronal", metavar="P[,P]",
                    help="co-expression across the coronal experiments (default), or coronal,sagittal to also "
                         "offer the sagittal ones (a second matrix; the budget is shared)")
