@@ -175,6 +175,7 @@ class Coexpression:
                 part /= safe[r:r + NORM_ROWS, None].astype(np.float32)
                 part[norm[r:r + NORM_ROWS] == 0] = 0
         self.rows, self.missing_bits = rows, packed
+        _release_free_memory()
         self.progress = 1.0
         self.load_seconds = time.monotonic() - start
         self.state = "ready"
@@ -257,6 +258,19 @@ class Coexpression:
                  f"{self.n_experiments} {self.plane}")
         key = f"seed:{z},{y},{x}" + ("" if self.plane == "coronal" else f":{self.plane}")
         return Layer(key, title, "correlation", values, -1.0, 1.0, "coolwarm")
+
+
+def _release_free_memory() -> None:
+    """Give the load's freed blocks back to the system (glibc keeps them in the loading thread's
+    arena otherwise: ~180 MB of RSS at 4,345 experiments); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def parse_seed(arg: str) -> tuple[int, int, int]:
