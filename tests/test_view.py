@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,16 @@ def world(tmp_path_factory):
     (root / "secret.nii").write_bytes(b"not for you")
     os.symlink(root / "secret.nii", maps / "link.nii")
     (maps / "notes.txt").write_text("not a map")
-    return {"root": root, "store": store, "volumes": volumes, "maps": maps, "experiments": experiments}
+    return {"root": root, "store": store, "volumes": volumes, "maps": maps, "experiments": experiments,
+            "before": _files(store), "maps_before": _files(maps)}
+
+
+def _files(folder: Path) -> dict:
+    """Every file under ``folder`` with its size, mtime and bytes' hash."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +475,10 @@ def test_command_with_a_damaged_cube_says_so_in_one_line(world, capsys, logging_
     code = main(["view", "--cube", str(bad), "--port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "cannot open the cube" in err, err
+
+
+def test_zz_read_only_on_the_cube_and_the_maps(world):
+    """Last in this module: after every endpoint above (searches, uploads, seeds), the cube and the
+    maps folder hold exactly the files they held before."""
+    assert _files(world["store"]) == world["before"]
+    assert _files(world["maps"]) == world["maps_before"]
