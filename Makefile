@@ -2,7 +2,7 @@
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: install test test-fast run demo bench lint-docker
+.PHONY: install test test-fast run demo view bench lint-docker
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
