@@ -21,10 +21,11 @@ run: install
 demo: install
 	$(PYTHON) -m ambasync demo $(ARGS)
 
-# The demo's mirror with its cube (`demo` writes MINC only, so bench.view runs the same in-process
-# replica with --formats minc,cube), then the viewer on it with the DSURQE labels of tests/fixtures.
+# The demo's mirror with its cube (the real Nrp1 and Pdyn grids among synthetic ones), then the
+# viewer on it with the DSURQE labels of tests/fixtures.
 view: install
-	test -f demo/cube.zarr/zarr.json || $(PYTHON) -m bench.view --demo-cube demo
+	test -f demo/cube.zarr/zarr.json || AMBASYNC_REFERENCE_DIR=tests/fixtures \
+		$(PYTHON) -m ambasync demo --out demo --formats minc,cube --sagittal 4 -q
 	$(PYTHON) -m ambasync view --out demo --labels tests/fixtures/mhts/DSURQE_CCFv3_labels_200um.mnc \
 		--label-names tests/fixtures/mhts/DSURQE_40micron_R_mapping_long.csv $(ARGS)
 

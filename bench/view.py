@@ -1,7 +1,6 @@
 """Benchmark of ``ambasync view`` on an atlas-sized coronal cube, and the demo cube ``make view`` opens.
 
     python -m bench.view [--experiments 4345] [--work DIR] [--keep] [--json out.json]
-    python -m bench.view --demo-cube demo        # make view: the demo mirror with its cube
 
 The bench cube: ``--experiments`` coronal experiments (4,345, the atlas's coronal set) from the
 replica's grids cycled over 64 variants (each scaled by a random factor, so no two columns are
@@ -240,33 +239,6 @@ def bench(n: int, work: Path) -> dict:
     return report
 
 
-def demo_cube(out: Path, experiments: int = 36) -> int:
-    """The demo mirror (``ambasync demo``'s replica and settings) with its cube: what ``make view``
-    opens. ``demo`` itself writes MINC files only, so this runs the same in-process replica with
-    ``--formats minc,cube``."""
-    import asyncio
-
-    from ambasync.config import DEFAULT_CONFIG_TEXT, load_config
-    from ambasync.mirror.options import RunOptions
-    from ambasync.mirror.run import Run
-    from ambasync.replica import ReplicaConfig, serve
-
-    # the replica serves the real Nrp1 and Pdyn grids from here (as the tests' helpers point it)
-    os.environ.setdefault("AMBASYNC_REFERENCE_DIR", str(REPO / "tests" / "fixtures"))
-
-    async def main() -> int:
-        async with serve(ReplicaConfig(n_coronal=experiments, n_sagittal=4)) as (_, base_url):
-            cfg = load_config(DEFAULT_CONFIG_TEXT, {("source", "base_url"): base_url, ("output", "out"): str(out),
-                                                    ("source", "plane"): "all", ("source", "page_size"): 25,
-                                                    ("download", "concurrency"): 8,
-                                                    ("output", "formats"): "minc,cube"}, environ={})
-            summary = await Run(cfg, RunOptions(quiet=True)).run()
-        print(summary.text())
-        return summary.exit_code
-
-    return asyncio.run(main())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.view", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "already there is reused")
     p.add_argument("--keep", action="store_true", help="keep the bench cube")
     p.add_argument("--json", type=Path, help="also write the figures there")
-    p.add_argument("--demo-cube", type=Path, metavar="DIR", help="only write the demo mirror with its cube to DIR")
     args = p.parse_args(argv)
-    if args.demo_cube:
-        return demo_cube(args.demo_cube)
     work = args.work or Path(tempfile.mkdtemp(prefix="ambasync-bench-view-"))
     try:
         report = bench(args.experiments, work)

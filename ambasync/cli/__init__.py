@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="mirror a few dozen experiments from an in-process replica (offline)")
     demo.add_argument("--out", default="demo", metavar="DIR", help="output folder (default ./demo)")
     demo.add_argument("--experiments", type=int, default=36, metavar="N", help="experiments to mirror")
+    demo.add_argument("--sagittal", type=int, default=0, metavar="N", help="sagittal experiments too (default 0)")
+    demo.add_argument("--formats", default="minc", metavar="F,F", help="outputs: any of minc,nifti,cube (default minc)")
     demo.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
     init = sub.add_parser("init-config", help="write a commented config.toml to start from")
@@ -189,7 +191,7 @@ def cmd_replica(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ambasync.cli.demo import run_demo
 
-    return run_demo(Path(args.out), args.experiments, quiet=args.quiet)
+    return run_demo(Path(args.out), args.experiments, quiet=args.quiet, formats=args.formats, sagittal=args.sagittal)
 
 
 def cmd_init_config(args: argparse.Namespace) -> int:

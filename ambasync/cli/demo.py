@@ -12,12 +12,15 @@ from ambasync.mirror.run import Run, install_uvloop
 from ambasync.replica import ReplicaConfig, serve
 
 
-def run_demo(out: Path, experiments: int = 36, quiet: bool = False) -> int:
+def run_demo(out: Path, experiments: int = 36, quiet: bool = False, formats: str = "minc", sagittal: int = 0) -> int:
+    """Mirror ``experiments`` coronal (and ``sagittal``) experiments of an in-process replica into
+    ``out`` as ``formats`` (``minc,cube`` gives ``make view`` its cube)."""
     async def main() -> int:
-        async with serve(ReplicaConfig(n_coronal=experiments, n_sagittal=0)) as (_, base_url):
+        async with serve(ReplicaConfig(n_coronal=experiments, n_sagittal=sagittal)) as (_, base_url):
             cfg = load_config(DEFAULT_CONFIG_TEXT, {("source", "base_url"): base_url, ("output", "out"): str(out),
-                                     ("source", "plane"): "coronal", ("source", "page_size"): 25,
-                                     ("download", "concurrency"): 8}, environ={})
+                                     ("source", "plane"): "all" if sagittal else "coronal",
+                                     ("source", "page_size"): 25, ("download", "concurrency"): 8,
+                                     ("output", "formats"): formats}, environ={})
             summary = await Run(cfg, RunOptions(quiet=quiet)).run()
         print(summary.text())
         print(f"demo: MINC files in {out}/coronal/, manifest {out}/manifest.csv; try `mincinfo` on one, "
