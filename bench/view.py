@@ -1,4 +1,4 @@
-"""Benchmark of ``ambasync view`` on an atlas-sized coronal cube, and the demo cube ``make view`` opens.
+"""Benchmark of ``ambasync view`` on an atlas-sized coronal cube.
 
     python -m bench.view [--experiments 4345] [--work DIR] [--keep] [--json out.json]
 
