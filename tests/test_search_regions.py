@@ -116,10 +116,14 @@ def test_explicit_contrast_is_used_as_given_including_the_target(cube, tmp_path,
     assert code == 0, err
     rows = check_against_numpy(to, experiments, arrays, brain & (target == 1), brain)
     assert {r["contrast"] for r in rows} == {"brain.nii.gz != 0"}
+    methods = (tmp_path / "fold.csv.methods.md").read_text()  # the methods text names it too
+    assert "contrast region (brain.nii.gz != 0)" in methods and "used as given" in methods
     code, err = run(["--target", t_path, "--out", str(folder), "--to", str(to)], capsys)
     assert code == 0, err
     rows = check_against_numpy(to, experiments, arrays, brain & (target == 1), brain & (target == 0))
     assert {r["contrast"] for r in rows} == {"rest of the mask brain (mask minus target)"}
+    methods = (tmp_path / "fold.csv.methods.md").read_text()
+    assert "(rest of the mask brain (mask minus target))" in methods and "used as given" not in methods
 
 
 def test_ambiguous_origin_stops_and_align_voxel_takes_it_index_for_index(cube, tmp_path, capsys):
@@ -144,6 +148,7 @@ def test_ambiguous_origin_stops_and_align_voxel_takes_it_index_for_index(cube, t
     code, err = run([off, *base, "--align", "voxel", "--to", str(tmp_path / "b.csv")], capsys)
     assert code == 0, err
     assert rows_of(tmp_path / "a.csv") == rows_of(tmp_path / "b.csv")
+    assert "index for index onto the cube's grid (--align voxel)" in (tmp_path / "b.csv.methods.md").read_text()
     code, err = run([off, *base, "--align", "world", "--to", str(tmp_path / "c.csv")], capsys)
     assert code == 0, err
     assert rows_of(tmp_path / "c.csv") != rows_of(tmp_path / "a.csv")

@@ -71,7 +71,16 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
         report: list[str] = []
         table = fold_change(location, target, contrast, mask, scheduler, progress, target_above=target_above,
                             contrast_at_most=contrast_at_most, align=align, report=report)
-        written = (str(write_table(table, to)),) if to is not None else ()
+        written: tuple[str, ...] = ()
+        if to is not None:
+            from ambasync.analysis.search.correlate import region_name
+            from ambasync.analysis.search.methods import fold_methods
+
+            first = table.iloc[0] if len(table) else {}
+            facts = {"n_experiments": len(table), "mask": mask, "align": align, "version": _version(),
+                     "target": first.get("target", region_name(target, above=target_above)),
+                     "contrast": first.get("contrast", "?")}
+            written = (str(write_table(table, to)), str(_write_methods(fold_methods(facts), to)))
         return Searched(table, None, None, written, tuple(report))
     if contrast is not None or target_above is not None or contrast_at_most is not None:
         raise AnalysisError("--contrast, --target-above and --contrast-at-most need --target")
@@ -82,13 +91,36 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
                        align=align)
     written: list[str] = []
     if to is not None:
+        from ambasync.analysis.search.methods import correlation_methods
+
         written.append(str(write_table(result.experiments, to)))
         if result.genes is not None:
             written.append(str(write_table(result.genes, genes_path(to))))
+        facts = {"n_experiments": len(result.experiments), "map": Path(the_map).name if isinstance(the_map, str)
+                 else "given as an array", "mask": mask, "method": method, "nulls": nulls, "seed": seed,
+                 "tail": tail, "align": align, "by_gene": by == "gene", "version": _version(),
+                 "n_gpd": int((result.experiments["p_method"] == "gpd").sum())}
+        written.append(str(_write_methods(correlation_methods(facts), to)))
     if plot is not None:
         name = Path(the_map).name if isinstance(the_map, str) else "map"
         written.append(str(plot_result(result, location, plot, name)))
     return Searched(result.experiments, result.genes, result, tuple(written), result.report)
+
+
+def _version() -> str:
+    from ambasync import __version__
+
+    return __version__
+
+
+def _write_methods(text: str, to: str | os.PathLike) -> Path:
+    """``{to}.methods.md`` beside the table, atomically (as ``matrix`` writes its own)."""
+    from ambasync.files import atomic_path
+
+    dest = Path(f"{to}.methods.md")
+    with atomic_path(dest) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return dest
 
 
 def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.ndarray | None = None, *,
@@ -114,7 +146,8 @@ def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.nda
         xspace, as ``ambasync.open_cube(out).expression`` has; NaN = no value).
     to : str or path-like, optional
         Also write the table there as CSV (with ``by="gene"``, the gene table beside it as
-        ``{stem}_genes.csv``), atomically.
+        ``{stem}_genes.csv``), atomically, and a methods paragraph as ``{to}.methods.md`` (which
+        map, mask, nulls, p-values; in differential mode which target and contrast).
     mask : str, default "brain"
         Voxels to use: ``brain`` (data in any experiment), ``coronal`` or ``sagittal``
         (coverage ≥ 0.8), or an image whose nonzero voxels are used.
