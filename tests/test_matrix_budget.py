@@ -191,4 +191,4 @@ def test_read_blocks_shrink_with_the_budget():
 
     assert read_block_size(10 * 2**30, 159_326, 61_315) == READ_MAX_EXPERIMENTS
     assert read_block_size(0, 159_326, 61_315) == READ_MIN_EXPERIMENTS
-    assert READ_MIN_EXPERIMENTS < read_block_size(200 * 2**20, 159_326, 61_315) < READ_MAX_EXPERIMENTS
+    assert READ_MIN_EXPERIMENTS < read_block_size(400 * 2**20, 159_326, 61_315) < READ_MAX_EXPERIMENTS

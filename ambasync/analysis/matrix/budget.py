@@ -185,9 +185,9 @@ def read_block_size(budget_left: int, grid_voxels: int, n_vox: int) -> int:
 
 
 def read_bytes_per_experiment(grid_voxels: int, n_vox: int) -> int:
-    # two blocks in flight: the raw float32 volume (+ the dask gather's copy) and the masked float32,
-    # and for the one being processed its float64 transform and the grouped float64 rows
-    return 2 * (2 * 4 * grid_voxels + 4 * n_vox) + 3 * 8 * n_vox
+    # three blocks in flight (two read ahead, one grouped): the raw float32 volumes (+ the gather's
+    # concatenation), the masked float32 and its float64 transform; and the grouped float64 rows
+    return 3 * (2 * 4 * grid_voxels + 4 * n_vox + 8 * n_vox) + 8 * n_vox
 
 
 __all__ = ["BASE_BYTES", "Plan", "check_knn", "knn_working", "plan_matrix", "default_budget", "human", "machine_memory", "parse_memory",

@@ -110,13 +110,15 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
         keys: list[np.ndarray] = []
         grouped = filled = 0
         least_missing = 1.0
-        for rows, masked in read_blocks(ds[recipe.variable].data, sel, mask_flat, mirror_axis, digest, progress,
-                                        plan.read_block, location=cube_location(out) if client is None else None,
-                                        variable=recipe.variable):
+        def transform(masked: np.ndarray) -> np.ndarray:  # in the reading threads
             x = mark_missing(masked, recipe.zero_is_missing)
-            del masked
             if recipe.log2:
                 log2_transform(x, recipe.log2_offset)
+            return x
+
+        for rows, x in read_blocks(ds[recipe.variable].data, sel, mask_flat, mirror_axis, digest, progress,
+                                   plan.read_block, location=cube_location(out) if client is None else None,
+                                   variable=recipe.variable, transform=transform):
             block, block_keys = combine_block(x, sel.genes[rows], sel.planes[rows], recipe)
             del x
             if recipe.group_by == "experiment":

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ambasync.matrix")
 
 BLOCK_EXPERIMENTS = 128  # experiments read per block: ~80 MB of float32 grids on the 200 µm grid
+BLOCKS_AHEAD = 2  # blocks read and transformed while the caller groups the current one
 READ_THREADS = 4  # read_experiments calls in flight (zarr's own I/O and decoding run beneath them)
 
 
@@ -37,7 +38,7 @@ def read_catalogue(ds: Any) -> Any:
 
 def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: int | None,
                 digest: Any, progress: bool, block: int = BLOCK_EXPERIMENTS, location: str | None = None,
-                variable: str = "expression") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                variable: str = "expression", transform: Any = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows of this block in ``sel`` order, masked float32 voxels), whole genes per block of
     about ``block`` experiments (the memory budget sets it). The next block is read while the
     caller works on this one.
@@ -46,7 +47,11 @@ def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: i
     the block is one :func:`ambasync.cube.read.read_experiments` call, READ_THREADS at once:
     zarr then fetches and decodes a run's chunks together, 2-2.5x faster than a dask task per
     chunk (measured on the atlas bench). Without it (a ``--scheduler`` cluster) the dask array
-    ``data`` is gathered by the cluster's workers."""
+    ``data`` is gathered by the cluster's workers.
+
+    ``transform`` (masked float32 -> the caller's array, e.g. missing values and log2) runs in
+    the reading threads, BLOCKS_AHEAD blocks ahead of the caller; the digest is taken here, in
+    block order. Yields (rows, transform(masked)), or (rows, masked) without a transform."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -86,18 +91,21 @@ def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: i
                 raw[sag] = mirror_hemisphere(raw[sag], mirror_axis + 1)
         masked = np.empty((len(rows), n_vox), dtype=raw.dtype)
         masked[order] = np.take(raw.reshape(len(rows), -1), where, axis=1)
-        return rows, masked
+        del raw
+        return rows, masked, (transform(masked) if transform is not None else masked)
 
     bar = Progress("reading the cube", n, "experiments", progress)
     try:
-        with ThreadPoolExecutor(1) as reader:
-            ahead = reader.submit(load, *bounds[0]) if bounds else None
+        with ThreadPoolExecutor(BLOCKS_AHEAD) as reader:
+            ahead = [reader.submit(load, *b) for b in bounds[:BLOCKS_AHEAD]]
             for i in range(len(bounds)):
-                rows, masked = ahead.result()
-                ahead = reader.submit(load, *bounds[i + 1]) if i + 1 < len(bounds) else None
-                digest.update(np.ascontiguousarray(masked, dtype="<f4").tobytes())
+                rows, masked, out = ahead.pop(0).result()
+                if i + BLOCKS_AHEAD < len(bounds):
+                    ahead.append(reader.submit(load, *bounds[i + BLOCKS_AHEAD]))
+                digest.update(np.ascontiguousarray(masked, dtype="<f4").data)  # hashlib lets go of the GIL
+                del masked
                 bar.update(len(rows))
-                yield rows, masked
+                yield rows, out
     finally:
         if runs_pool is not None:
             runs_pool.shutdown()
