@@ -30,6 +30,8 @@ EXIT_CODES = exit_codes_text()
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help="config file (default: $AMBASYNC_CONFIG, else ./config.toml if present)")
     p.add_argument("--out", metavar="DIR", help="output folder [output.out]")
+    p.add_argument("--cube", metavar="URL", help="where the cube lives: a folder or an fsspec URL such as "
+                                                 "s3://bucket/cube.zarr (default {out}/cube.zarr) [output.cube]")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug)")
     p.add_argument("--log-format", choices=LOG_FORMATS, help="log lines as text or JSON [pipeline.log_format]")
@@ -65,7 +67,7 @@ _OVERRIDES = {
     "workers": ("convert", "workers"), "dtype": ("convert", "dtype"), "orientation": ("convert", "orientation"),
     "space": ("convert", "space"), "expansion": ("convert", "expansion"), "volumes": ("convert", "volumes"),
     "name_template": ("convert", "name_template"), "keep_zips": ("output", "keep_zips"), "formats": ("output", "formats"),
-    "out": ("output", "out"), "log_format": ("pipeline", "log_format"),
+    "out": ("output", "out"), "cube": ("output", "cube"), "log_format": ("pipeline", "log_format"),
 }
 
 
