@@ -82,6 +82,11 @@ class KV:
     def put_many(self, items: dict[str, bytes]) -> None:
         for key, data in items.items():
             self.put(key, data)
+    def put_parts(self, key: str, parts: list[bytes]) -> None:
+        """One object made of ``parts`` (a local file is written piece by piece: no joined copy)."""
+        self.put(key, b"".join(parts))
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        return {k: v for k in keys if (v := self.get(k)) is not None}
     def create(self, key: str, data: bytes) -> bool: ...
     def delete(self, key: str) -> None: ...
     def delete_many(self, keys: Iterable[str]) -> None:
@@ -114,12 +119,18 @@ class LocalKV(KV):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
-    def _tmp(self, path: Path, data: bytes) -> Path:
+    def _tmp(self, path: Path, data: bytes | list[bytes]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            if isinstance(data, list):
+                fh.writelines(data)
+            else:
+                fh.write(data)
         return tmp
+
+    def put_parts(self, key: str, parts: list[bytes]) -> None:
+        self.put(key, parts)  # type: ignore[arg-type]
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -210,6 +221,13 @@ class FsKV(KV):
             return self._call(self.fs.cat_file, self._path(key))
         except FileNotFoundError:
             return None
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        found = self._call(self.fs.cat, [self._path(k) for k in keys], on_error="omit")  # concurrently
+        start = len(self.root) + 1
+        return {path[start:]: data for path, data in found.items() if isinstance(data, (bytes, bytearray))}
 
     def put(self, key: str, data: bytes) -> None:
         self._call(self.fs.pipe_file, self._path(key), data)

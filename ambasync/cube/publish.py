@@ -37,7 +37,7 @@ from ambasync.cube.layout import (BLOCKS, BY_VOXEL, CATALOGUE_COLUMNS, FILL, FLO
                                   CubeSettings)
 from ambasync.cube.slots import Member
 
-PART_PLANES = 24  # planes of a block decoded together by a publish task (512 × 24 planes: 190 MB)
+PART_PLANES = 16  # planes of a block decoded together by a publish task (512 × 16 planes: 127 MB)
 
 
 @dataclass(frozen=True)
@@ -209,16 +209,18 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
                         new_chunks[i] = layout.blosc(settings.codec).encode(vols)
             if main and z0 is not None:
                 for zs in range(0, z1 - zlo, settings.zshard):
-                    kv.put(layout.by_voxel_shard_key((zlo + zs) // settings.zshard, b),
-                           _by_voxel_shard(settings, slab[:, zs:zs + settings.zshard]))
-        kv.put(layout.shard_key(var, b), shards.assemble(new_chunks))
+                    kv.put_parts(layout.by_voxel_shard_key((zlo + zs) // settings.zshard, b),
+                                 _by_voxel_shard(settings, slab[:, zs:zs + settings.zshard]))
+            del slab
+        kv.put_parts(layout.shard_key(var, b), shards.parts(new_chunks))
+        del new_chunks, old_chunks
     buf = io.BytesIO()
     np.savez(buf, **counts)
     kv.put(f"{BLOCKS}/{b:06d}.npz", buf.getvalue())
     return b, counts, bad
 
 
-def _by_voxel_shard(settings: CubeSettings, slab: np.ndarray) -> bytes:
+def _by_voxel_shard(settings: CubeSettings, slab: np.ndarray) -> list[bytes]:
     """The voxel-major shard of ``slab`` (block experiments × its planes × every row and column).
     Chunk by chunk: a small transpose stays in the CPU's cache (12× faster than one of the slab)."""
     cz, cy, cx = settings.by_voxel_chunk
@@ -236,7 +238,7 @@ def _by_voxel_shard(settings: CubeSettings, slab: np.ndarray) -> bytes:
                 chunk.fill(FILL)
                 chunk[:part.shape[1], :part.shape[2], :part.shape[3], :part.shape[0]] = np.moveaxis(part, 0, -1)
                 chunks.append(codec.encode(chunk))
-    return shards.assemble(chunks)
+    return shards.parts(chunks)
 
 
 def read_slot(location: str, slot: int, variable: str) -> np.ndarray | None:
@@ -342,10 +344,50 @@ def zarr_store(location: str):
     return str(local_path(location))
 
 
+def small_objects(kv: KV, settings: CubeSettings) -> list[str]:
+    """Every object of the store but the arrays' shards and the records: the metadata, the
+    coordinates and the coverage (~100 objects of a few KB to a few MB whatever the cube's size)."""
+    big = tuple(f"{v}/c/" for v in (*settings.variables(), BY_VOXEL))
+    return sorted(k for k in kv.list("") if not k.startswith(layout.META) and not k.startswith(big))
+
+
+def with_local_copy(location: str, settings: CubeSettings | None, work) -> None:
+    """``work(folder)`` on zarr's own writes of the store's small objects, then the changed ones
+    written back; for a store at a URL the folder is a local copy, uploaded concurrently with the
+    root ``zarr.json`` last (zarr through fsspec makes one request per check and per object, one
+    after another: ~100 round trips per publish)."""
+    import tempfile
+    from pathlib import Path
+
+    from ambasync.cube.kv import LocalKV, is_remote
+
+    if not is_remote(location):
+        work(location)
+        return
+    kv = KV.open(location)
+    before = kv.get_many(small_objects(kv, settings)) if settings is not None else {}
+    with tempfile.TemporaryDirectory(prefix="ambasync-cube-meta-") as tmp:
+        local = LocalKV(Path(tmp))
+        for key, data in before.items():
+            local.put(key, data)
+        work(tmp)
+        after = local.get_many(sorted(local.list("")))
+    changed = {k: v for k, v in after.items() if before.get(k) != v and k != "zarr.json"}
+    kv.put_many(changed)
+    if "zarr.json" in after and before.get("zarr.json") != after["zarr.json"]:
+        kv.put("zarr.json", after["zarr.json"])  # last: readers switch to the new shapes at once
+
+
 def write_coordinates(location: str, settings: CubeSettings, members: Mapping[int, Member], n: int,
                       coverage: Mapping[str, np.ndarray], attrs: dict) -> None:
     """Shapes, coordinates along ``experiment``, coverage and root attributes (zarr's own writes);
     then the consolidated metadata, last."""
+    with_local_copy(location, settings,
+                    lambda folder: _write_coordinates(folder, settings, members, n, coverage, attrs))
+
+
+def _write_coordinates(location: str, settings: CubeSettings, members: Mapping[int, Member], n: int,
+                       coverage: Mapping[str, np.ndarray], attrs: dict) -> None:
     import zarr
 
     from zarr.core.sync import sync

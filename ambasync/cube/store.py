@@ -102,7 +102,16 @@ def _blosc_codec(c: layout.Codec):
 
 
 def _make_arrays(location: str, settings: CubeSettings) -> None:
-    """An empty cube (zarr's own writes), its settings, then the consolidated metadata last."""
+    """An empty cube (zarr's own writes), its settings, then the consolidated metadata last (for a
+    store at a URL: made in a local folder, then uploaded, the root last)."""
+    from ambasync.cube.publish import with_local_copy
+
+    if is_remote(location):
+        KV.open(location).put(SETTINGS_KEY, json.dumps(settings.identity(), sort_keys=True).encode())
+    with_local_copy(location, None, lambda folder: _make_local_arrays(folder, settings))
+
+
+def _make_local_arrays(location: str, settings: CubeSettings) -> None:
     import zarr
 
     from ambasync.cube.publish import zarr_store
