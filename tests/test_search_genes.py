@@ -132,7 +132,8 @@ def test_reproducibility_is_kept_beside_the_cube_and_read_back_unchanged(gene_cu
     assert path is not None and path.is_file() and path.parent == folder / ".ambasync" / "search"
     again = cube_gene_reproducibility(location, ds, genes, mask)
     for table in (first, again):
-        pd.testing.assert_frame_equal(table[["reproducibility", "replicated"]], fresh[["reproducibility", "replicated"]])
+        pd.testing.assert_frame_equal(table[["reproducibility", "replicated"]], fresh[["reproducibility", "replicated"]],
+                                      check_exact=True)
     other = mask.copy()
     other[:, :, : SIZES[2] // 2] = False
     assert cache_path(location, ds, genes, other) != path

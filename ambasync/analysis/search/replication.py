@@ -70,7 +70,8 @@ def _read_cached(path: Path | None) -> pd.DataFrame | None:
     if path is None or not path.is_file():
         return None
     try:
-        table = pd.read_csv(path, index_col="gene", keep_default_na=False, na_values=[""])
+        table = pd.read_csv(path, index_col="gene", keep_default_na=False, na_values=[""],
+                            float_precision="round_trip")  # the same floats as computed, to the last bit
         table["replicated"] = table["replicated"].map({True: True, False: False, "True": True,
                                                        "False": False}).astype("boolean")
         return table
