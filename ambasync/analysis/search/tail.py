@@ -10,7 +10,7 @@ at the nulls' 75th percentile and is raised in steps of 1 % of N until an Anders
 above the threshold, ``p = (exceedances / N) * GPD survival(observed - threshold)``; everywhere
 else the empirical p-value stands.
 
-What differs from PALM, and why (measured in ``docs/search-tail.md``):
+What differs from PALM, and why (docs/search.md, "p-values below 1/(nulls + 1)"; measured in tests/unit/test_tail.py):
 
 * The fit is Zhang & Stephens' (2009) estimator, not PALM's method of moments: it is as
   efficient as maximum likelihood (to ~0.02 in the shape on 250 exceedances), always exists,
