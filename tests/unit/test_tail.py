@@ -168,7 +168,7 @@ def test_strong_effect_reaches_the_true_tail_probability():
     p is norm.sf(5) = 2.9e-7, 3,500 times below the empirical floor 1/1001. The GPD p must be
     far below 1/(N+1) in (nearly) every case and within a factor ~3 of the truth in the median
     (measured 2.8-3.1, conservative-leaning; asserted within [1/3, 4]); the case-to-case spread is that of extrapolating 3.5 decades from 1,000 draws (the shape's
-    standard error is ~0.06 on 250 exceedances), measured here and in docs/search-tail.md."""
+    standard error is ~0.06 on 250 exceedances), measured here and in docs/search.md."""
     rng = np.random.default_rng(5)
     n = 2000
     nulls = rng.standard_normal((n, N_NULLS))
