@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "tests"))
 CORONAL_MASK = REPO / "tests" / "fixtures" / "coronal_200um_coverage_bin0.8.mnc"
 SAGITTAL_MASK = REPO / "tests" / "fixtures" / "mhts" / "sagittal_200um_coverage_bin0.8.mnc"
 LABELS = REPO / "tests" / "fixtures" / "mhts" / "DSURQE_CCFv3_labels_200um.mnc"
+DSURQE_MASK = REPO / "tests" / "fixtures" / "mhts" / "DSURQE_CCFv3_mask_200um.mnc"
 LABEL_TABLE = REPO / "tests" / "fixtures" / "mhts" / "DSURQE_40micron_R_mapping_long.csv"
 N_CORONAL, N_SAGITTAL = 4345, 21733
 SAGITTAL_GRIDS_PER_GENE = 2
@@ -369,8 +370,8 @@ def run(work: Path, only: list[str]) -> dict:
            "spatial.parquet")
     if "regions" in only:
         go("gene x region (DSURQE), both planes -> .csv",
-           ["--plane", "both", "--mask", "brain", "--labels", str(LABELS), "--label-table", str(LABEL_TABLE),
-            "--impute", "none"], n_cor + n_sag, "regions.csv")
+           ["--plane", "both", "--mask", str(DSURQE_MASK), "--max-missing", "0.5", "--labels", str(LABELS),
+            "--label-table", str(LABEL_TABLE), "--impute", "none"], n_cor + n_sag, "regions.csv")
     if "read-ab" in only:
         report["read_ab"] = read_ab(work)
         print(json.dumps(report["read_ab"]), flush=True)
