@@ -118,7 +118,7 @@ def test_an_installed_wheel_mirrors_builds_the_cube_and_analyses_it_from_any_fol
     assert "cube" in status.stdout and "30 experiments" in status.stdout, status.stdout
 
     m = _run(venv, "-m", "ambasync", "matrix", "--out", "data", "--to", "m.csv", "--plane", "coronal",
-             "--mask", "brain", "--impute", "none", "-q")
+             "--mask", "coronal", "--max-missing", "0.5", "--impute", "none", "-q")
     assert m.returncode == 0, m.stderr
     s = _run(venv, "-m", "ambasync", "search", str(next((data / "coronal").glob("*.mnc"))), "--out", "data",
              "--to", "hits.csv", "--nulls", "20", "-q")
@@ -127,7 +127,7 @@ def test_an_installed_wheel_mirrors_builds_the_cube_and_analyses_it_from_any_fol
     # The Python API in the installed package gives the same tables as its command line.
     script = textwrap.dedent("""
         import sys, ambasync, pandas as pd
-        m = ambasync.matrix("data", plane="coronal", mask="brain", impute="none")
+        m = ambasync.matrix("data", plane="coronal", mask="coronal", max_missing=0.5, impute="none")
         m.to_pickle("api_matrix.pkl")
         mnc = sys.argv[1]
         ambasync.search("data", mnc, nulls=20).to_pickle("api_hits.pkl")
