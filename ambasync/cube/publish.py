@@ -314,20 +314,21 @@ def block_rows(settings: CubeSettings, p: Plan, b: int) -> tuple[list, dict[int,
     return rows, expected
 
 
-def totals(kv: KV, settings: CubeSettings, n: int, fresh: Mapping[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-plane counts over every block (fresh ones as computed now, the others as saved)."""
+def totals(kv: KV, settings: CubeSettings, n: int, rebuilt: set[int], fresh: Mapping[str, np.ndarray]
+           ) -> dict[str, np.ndarray]:
+    """Per-plane counts over every block: ``fresh`` (the sum over the ``rebuilt`` blocks, as
+    computed now) plus the other blocks' saved counts."""
     geo = layout.geometry(settings)
-    out = {p: np.zeros(geo.sizes, dtype=np.int64) for p in PLANES}
+    out = {p: np.zeros(geo.sizes, dtype=np.int64) + fresh.get(p, 0) for p in PLANES}
     for b in range(math.ceil(n / settings.block)):
-        counts = fresh.get(b)
-        if counts is None:
-            blob = kv.get(f"{BLOCKS}/{b:06d}.npz")
-            if blob is None:
-                continue
-            with np.load(io.BytesIO(blob)) as saved:
-                counts = {p: saved[p] for p in PLANES}
-        for p in PLANES:
-            out[p] += counts[p]
+        if b in rebuilt:
+            continue
+        blob = kv.get(f"{BLOCKS}/{b:06d}.npz")
+        if blob is None:
+            continue
+        with np.load(io.BytesIO(blob)) as saved:
+            for p in PLANES:
+                out[p] += saved[p]
     return out
 
 

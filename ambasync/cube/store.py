@@ -430,16 +430,29 @@ class Cube:
         for b in p.blocks:
             rows, expected = block_rows(settings, p, b)
             tasks.append((self.location, settings, b, rows, b * settings.block < old_n, expected))
+        fresh: dict = {}  # the rebuilt blocks' counts, summed as they come (not kept per block: 1.3 MB each)
+        found: set[int] = set()
+
+        def take(result) -> None:
+            _, counts, bad_ids = result
+            for plane, values in counts.items():
+                if plane in fresh:
+                    fresh[plane] += values
+                else:
+                    fresh[plane] = values.astype("int64")
+            found.update(bad_ids)
+
         if workers <= 1 or len(tasks) <= 1:
-            results = [rebuild_block(*t) for t in tasks]
+            for t in tasks:
+                take(rebuild_block(*t))
         else:
             from ambasync.workers import start_forkserver
 
             with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)),
                                                         mp_context=start_forkserver()) as pool:
-                results = list(pool.map(rebuild_block, *zip(*tasks)))
-        fresh = {b: counts for b, counts, _ in results}
-        bad = sorted({eid for _, _, found in results for eid in found})
+                for result in pool.map(rebuild_block, *zip(*tasks)):
+                    take(result)
+        bad = sorted(found)
         members = dict(p.members)
         if bad:
             log.warning("cube: %d staged grids did not match their record and were left out (converted again by "
@@ -447,7 +460,7 @@ class Cube:
             members = {s: m for s, m in members.items() if m.experiment_id not in bad}
         n = p.n
         version = version_of(members)
-        counts = totals(kv, settings, n, fresh)
+        counts = totals(kv, settings, n, set(p.blocks), fresh)
         write_coordinates(self.location, settings, members, n, coverage_of(settings, members, counts),
                           _root_attrs(settings, now, version))
         kv.put(MEMBERS_KEY, members_blob(members, version, _iso(now)))
