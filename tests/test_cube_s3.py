@@ -22,6 +22,8 @@ import xarray as xr
 from ambasync.replica import ReplicaConfig, serve
 from helpers import ambasync_cmd, mirror, notebook_ras
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 BUCKET = "labcube"
 
 

@@ -15,6 +15,8 @@ from ambasync.cli import main
 from ambasync.errors import AnalysisError
 from cubes import replica_experiments, write_test_cube
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 
 @pytest.fixture(scope="module")
 def cube(tmp_path_factory):

@@ -11,6 +11,8 @@ from sklearn.impute import KNNImputer
 
 from helpers import FIXTURES, read_minc
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 CORONAL_MASK = FIXTURES / "coronal_200um_coverage_bin0.8.mnc"
 
 

@@ -17,6 +17,8 @@ from scipy import ndimage, stats
 
 from cubes import SIZES, STARTS, STEP, TestExperiment, local_cluster, write_test_cube
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 # gene -> how its experiments are made from a shared smooth pattern: the noise added to each
 GENES = {"Same": (0.2, 0.2, 0.3), "Loose": (1.5, 1.5), "Alone": (0.1,), "Half": (0.3, 0.3)}
 

@@ -22,6 +22,8 @@ from ambasync.cli import main
 from helpers import notebook_ras
 from cubes import SIZES, STARTS, STEP, replica_experiments, write_test_cube
 
+pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
+
 
 def save_nifti(volume: np.ndarray, path, starts=STARTS) -> str:
     """A (zspace, yspace, xspace) volume as NIfTI on the cube's step, first voxel at ``starts``."""

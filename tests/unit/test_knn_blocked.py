@@ -105,6 +105,7 @@ def test_ties_are_settled_as_sklearn():
     assert_matches_sklearn(dup, 4, memory_bytes=60_000)
 
 
+@pytest.mark.e2e  # sklearn on a slab: several seconds
 def test_smooth_slab_equals_sklearn_at_any_block_size():
     """A 200-gene x 2,304-voxel slab of smooth data with clustered gaps (every voxel misses a
     gene or more): the same numbers as scikit-learn with the default blocks (three) and with
@@ -168,6 +169,7 @@ def test_memory_estimate_covers_what_the_call_allocates():
     assert estimate - fixed < 4 * budget + 64 * 2**20  # the budget, not a multiple of the matrix
 
 
+@pytest.mark.e2e  # starts worker processes
 def test_distributed_cluster_gives_identical_numbers():
     """Two worker processes of a real LocalCluster compute the same array as the local threads."""
     distributed = pytest.importorskip("distributed")

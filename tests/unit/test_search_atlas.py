@@ -76,6 +76,7 @@ def coarse():
     return mask, nrp1, experiments, rng
 
 
+@pytest.mark.e2e  # thousands of experiments: make test runs it
 def test_planted_real_grid_ranks_first_with_q_below_005_among_thousands(coarse):
     mask, nrp1, experiments, rng = coarse
     z = (nrp1 - nrp1[mask].mean()) / nrp1[mask].std()
@@ -96,6 +97,7 @@ def test_planted_real_grid_ranks_first_with_q_below_005_among_thousands(coarse):
     assert np.nanmin(q[1:]) >= 0.05
 
 
+@pytest.mark.e2e  # thousands of experiments: make test runs it
 def test_smooth_noise_map_calls_nothing_among_thousands(coarse):
     mask, _, experiments, rng = coarse
     noise = smooth_fields(rng, 1, mask.shape, 1.25)[0]
@@ -104,6 +106,7 @@ def test_smooth_noise_map_calls_nothing_among_thousands(coarse):
     assert 0.01 <= np.mean(p < 0.05) <= 0.12  # one map: loose; the calibration test below is the tight one
 
 
+@pytest.mark.e2e  # ~10 s of calibration: make test runs it, make test-fast leaves it out
 def test_tail_calibration_over_smooth_random_maps():
     """Smooth random maps against independent smooth experiments: every small p is a false
     positive. 60 maps x 400 experiments, 200 nulls each; the tail's p < 0.001 (below the
