@@ -21,8 +21,8 @@ from typing import Any, Mapping
 
 from ambasync.errors import ConfigError
 from ambasync.geometry import ORIENTATIONS, SPACES
-from ambasync.limits import MAX_BODY_BYTES
 from ambasync.imaging.minc import DTYPES
+from ambasync.limits import MAX_BODY_BYTES
 
 PLANES = ("coronal", "sagittal")
 VOLUMES = ("energy", "density", "intensity")

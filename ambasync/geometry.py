@@ -57,6 +57,7 @@ _COSINES = {
 }
 
 DIMNAMES = ("zspace", "yspace", "xspace")
+NO_DATA = -1.0  # the Allen grids' "no data" value, kept as it is in every output (a measured 0 is data)
 
 
 @dataclass(frozen=True)

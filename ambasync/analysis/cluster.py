@@ -7,9 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import TYPE_CHECKING, Iterator
+
 from ambasync.errors import AnalysisError
-
-
 
 if TYPE_CHECKING:
     pass

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ambasync.cube.read import cube_geometry
 from ambasync.errors import AnalysisError
 from ambasync.geometry import DIMNAMES
-from ambasync.cube.read import cube_geometry
 from ambasync.imaging.regrid import align_image, describe, read_image, same_grid
-
 
 if TYPE_CHECKING:
     import xarray as xr

@@ -13,16 +13,26 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ambasync.version import __version__
-from ambasync.mirror import early_signals
-from ambasync.config import DEFAULT_CONFIG_TEXT, LOG_FORMATS, PLANES, VOLUMES, Config, load_config
+from ambasync.cli.matrix import add_parser as add_matrix_parser
+from ambasync.cli.matrix import cmd_matrix
+from ambasync.cli.search import add_parser as add_search_parser
+from ambasync.cli.search import cmd_search
+from ambasync.cli.view import add_parser as add_view_parser
+from ambasync.cli.view import cmd_view
+from ambasync.config import (
+    DEFAULT_CONFIG_TEXT,
+    LOG_FORMATS,
+    PLANES,
+    VOLUMES,
+    Config,
+    load_config,
+)
 from ambasync.errors import EXIT_OK, EXIT_SIGINT, EXIT_USAGE, RunError, exit_codes_text
 from ambasync.geometry import ORIENTATIONS, SPACES
 from ambasync.imaging.minc import DTYPES
-from ambasync.cli.matrix import add_parser as add_matrix_parser, cmd_matrix
-from ambasync.cli.search import add_parser as add_search_parser, cmd_search
-from ambasync.cli.view import add_parser as add_view_parser, cmd_view
+from ambasync.mirror import early_signals
 from ambasync.mirror.report import setup_logging
+from ambasync.version import __version__
 
 EXIT_CODES = exit_codes_text()
 

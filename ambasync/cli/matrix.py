@@ -12,8 +12,14 @@ import logging
 import sys
 from typing import Any
 
-from ambasync.analysis.matrix.recipe import COMBINE, GROUP_BY, IMPUTE, NORMALISE, PLANES, VARIABLES
-
+from ambasync.analysis.matrix.recipe import (
+    COMBINE,
+    GROUP_BY,
+    IMPUTE,
+    NORMALISE,
+    PLANES,
+    VARIABLES,
+)
 
 # flag name -> recipe field; booleans take --x / --no-x
 _FLAGS = {

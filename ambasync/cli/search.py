@@ -12,8 +12,16 @@ import logging
 import sys
 from typing import Any
 
-from ambasync.analysis.search.correlate import (ALIGN, BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, DEFAULT_TAIL,
-                                                METHODS, TAILS)
+from ambasync.analysis.search.correlate import (
+    ALIGN,
+    BY,
+    DEFAULT_MASK,
+    DEFAULT_NULLS,
+    DEFAULT_SEED,
+    DEFAULT_TAIL,
+    METHODS,
+    TAILS,
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

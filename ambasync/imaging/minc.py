@@ -39,7 +39,9 @@ def write_volume(data: np.ndarray, geometry: Geometry, path: Path, dtype: str) -
     ``dtype`` is the stored type: ``ushort`` (as the notebook, with a real range)
     or ``float`` (exact values).
     """
-    from pyminc.volumes.factory import volumeFromDescription  # libminc loads in worker processes only
+    from pyminc.volumes.factory import (
+        volumeFromDescription,  # libminc loads in worker processes only
+    )
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ambasync.geometry import Geometry, affine
 from ambasync.errors import AnalysisError
-from ambasync.geometry import DIMNAMES
+from ambasync.geometry import DIMNAMES, Geometry, affine
 
 if TYPE_CHECKING:
     pass

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ambasync.files import atomic_path
-from ambasync.paths import cached_zip_path
 from ambasync.limits import MAX_BODY_BYTES
+from ambasync.paths import cached_zip_path
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target
 
@@ -54,8 +54,10 @@ def _keep_zip(cache_dir: str, sha256: str, body: bytes) -> None:
 def convert(job: ConvertJob) -> ConvertResult:
     """Decode every requested volume first, then write them: a bad zip writes nothing.
     Each volume is reoriented once and handed to the writer of each of its targets."""
-    from ambasync.imaging.allen_grid import read_grid  # preloaded in workers (see PRELOAD)
     from ambasync.geometry import reorient
+    from ambasync.imaging.allen_grid import (
+        read_grid,  # preloaded in workers (see PRELOAD)
+    )
     from ambasync.mirror.formats.writers import WRITERS
 
     out = Path(job.out)

@@ -15,8 +15,8 @@ from pathlib import Path
 from ambasync.config import Config
 from ambasync.files import sha256_file
 from ambasync.mirror.options import RunOptions
-from ambasync.paths import Paths, cached_zip_path
 from ambasync.mirror.record import Record, Status
+from ambasync.paths import Paths, cached_zip_path
 from ambasync.target import Target
 
 

@@ -9,21 +9,21 @@ import contextlib
 import logging
 import time
 
-from ambasync.mirror.catalog import InvalidRow, Total
 from ambasync.config import Config
-from ambasync.mirror.decide import Action, Policy
-from ambasync.mirror.plan import decisions
 from ambasync.errors import UpstreamError
+from ambasync.mirror.catalog import InvalidRow, Total
+from ambasync.mirror.decide import Action, Policy
+from ambasync.mirror.formats.outputs import Outputs
+from ambasync.mirror.health import refuse_damaged
 from ambasync.mirror.options import RunOptions
 from ambasync.mirror.outdir import check_output_folder
-from ambasync.mirror.formats.outputs import Outputs
-from ambasync.paths import Paths
-from ambasync.mirror.health import refuse_damaged
+from ambasync.mirror.plan import decisions
 from ambasync.mirror.report import Progress, Summary
 from ambasync.mirror.selection import Selection, selected
-from ambasync.settings import ConvertSettings
 from ambasync.mirror.source import AllenSource
 from ambasync.mirror.state import State
+from ambasync.paths import Paths
+from ambasync.settings import ConvertSettings
 
 log = logging.getLogger("ambasync")
 

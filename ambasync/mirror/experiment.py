@@ -13,8 +13,8 @@ from ambasync.mirror.convert import ConvertResult
 from ambasync.mirror.fetch import retrying
 from ambasync.mirror.outcome import Done, Failed, Fatal, Job, Outcome
 from ambasync.mirror.pool import Converter
-from ambasync.mirror.source import AllenSource, Download
 from ambasync.mirror.record import Output
+from ambasync.mirror.source import AllenSource, Download
 
 log = logging.getLogger("ambasync")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import aiofiles
 
-from ambasync.mirror.catalog import COLUMNS
 from ambasync.files import atomic_path
+from ambasync.mirror.catalog import COLUMNS
 from ambasync.mirror.state import MANIFEST_EXTRA, State
 
 ROWS_PER_WRITE = 2000

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ambasync.mirror.catalog import Row
 from ambasync.errors import RunError
 from ambasync.imaging.minc import Written
+from ambasync.mirror.catalog import Row
 from ambasync.mirror.record import Output, Record
 from ambasync.target import Target
 

@@ -13,11 +13,12 @@ import os
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from ambasync.mirror.convert import ConvertJob, ConvertResult, convert
-from ambasync.workers import init_worker, start_forkserver
 from ambasync.errors import ExperimentError, PermanentError, RunError
+from ambasync.mirror.convert import ConvertJob, ConvertResult, convert
 from ambasync.settings import ConvertSettings
 from ambasync.target import Target
+from ambasync.workers import init_worker, start_forkserver
+
 
 class ConversionPool:
     """The conversion processes, replaced by fresh ones every ``recycle`` conversions.

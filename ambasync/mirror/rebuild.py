@@ -11,18 +11,24 @@ sequence a run performs. The caller holds the output folder's lock throughout.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ambasync.files import TMP_SUFFIX, atomic_path, tmp_name
 from ambasync.mirror.catalog import COLUMNS
-from ambasync.files import atomic_path, tmp_name, TMP_SUFFIX
-from ambasync.mirror.state import Output, State
-import logging
-from ambasync.mirror.health import Health, StateCheck, check_state, set_aside_state, sidecars
+from ambasync.mirror.health import (
+    Health,
+    StateCheck,
+    check_state,
+    set_aside_state,
+    sidecars,
+)
 from ambasync.mirror.record import Status
+from ambasync.mirror.state import Output, State
 
 log = logging.getLogger("ambasync")
 # run_id recorded by a rebuild: runs count from 1, so no run ever had it.
@@ -120,7 +126,9 @@ def _read_manifest(path: Path) -> tuple[dict[int, list[dict[str, Any]]], int]:
 
 def _stored_type(path: Path) -> str:
     """The voxel type a MINC file stores (ushort, float...), as pyminc names it."""
-    from pyminc.volumes.factory import volumeFromFile  # only a rebuild needs libminc here
+    from pyminc.volumes.factory import (
+        volumeFromFile,  # only a rebuild needs libminc here
+    )
 
     vol = volumeFromFile(str(path), dtype="float")
     try:
@@ -131,7 +139,9 @@ def _stored_type(path: Path) -> str:
 
 def _why_not_trusted(out: Path, output: Output, settings: str) -> str | None:
     """None when the file is the manifest's (sha256) with the header ``settings`` give."""
-    from ambasync.mirror.filecheck import check_output  # the one check of a file against a record (sha256, header)
+    from ambasync.mirror.filecheck import (
+        check_output,  # the one check of a file against a record (sha256, header)
+    )
 
     problem = check_output(out, output, settings)
     if problem:

@@ -10,14 +10,14 @@ import logging
 import sqlite3
 from pathlib import Path
 
+from ambasync.errors import DiskFullError, RunError, disk_full
 from ambasync.mirror.catalog import InvalidRow, Row
 from ambasync.mirror.decide import sizes_match
-from ambasync.errors import DiskFullError, RunError, disk_full
 from ambasync.mirror.experiment import unexpected
-from ambasync.mirror.outcome import Done, Failed, Fatal, Outcome
 from ambasync.mirror.formats.outputs import Outputs
-from ambasync.mirror.report import Progress, Summary
+from ambasync.mirror.outcome import Done, Failed, Fatal, Outcome
 from ambasync.mirror.record import Status
+from ambasync.mirror.report import Progress, Summary
 from ambasync.mirror.state import State
 
 log = logging.getLogger("ambasync")

@@ -20,31 +20,40 @@ import sqlite3
 import time
 from typing import AsyncIterator
 
+from ambasync.config import Config
+from ambasync.errors import (
+    EXIT_DISK_FULL,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    RunError,
+    UpstreamError,
+    disk_full,
+)
+from ambasync.files import sweep_tmp
 from ambasync.mirror import early_signals
 from ambasync.mirror.catalog import InvalidRow, Item, Row, Total
-from ambasync.config import Config
 from ambasync.mirror.decide import Action, Policy
-from ambasync.errors import (EXIT_DISK_FULL, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, RunError, UpstreamError, disk_full)
-from ambasync.files import sweep_tmp
+from ambasync.mirror.experiment import mirror_one, unexpected
+from ambasync.mirror.formats.outputs import Outputs
 from ambasync.mirror.lock import OutputLock, layout_for
 from ambasync.mirror.manifest import write_manifest
 from ambasync.mirror.metrics import render, textfile_path, write_textfile
-from ambasync.mirror.experiment import mirror_one, unexpected
 from ambasync.mirror.options import RunOptions
 from ambasync.mirror.outcome import Job
 from ambasync.mirror.outdir import check_output_folder
 from ambasync.mirror.plan import decisions
-from ambasync.mirror.formats.outputs import Outputs
-from ambasync.paths import Paths
 from ambasync.mirror.pool import ConversionPool, Converter
-from ambasync.mirror.recorder import Recorder
 from ambasync.mirror.rebuild import recover_state
+from ambasync.mirror.recorder import Recorder
 from ambasync.mirror.report import Progress, Summary, write_report
 from ambasync.mirror.selection import Selection, selected
-from ambasync.settings import ConvertSettings
 from ambasync.mirror.source import AllenSource
 from ambasync.mirror.state import State
 from ambasync.mirror.stop import Stop
+from ambasync.paths import Paths
+from ambasync.settings import ConvertSettings
 
 log = logging.getLogger("ambasync")
 

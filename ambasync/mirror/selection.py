@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ambasync.mirror.catalog import Item, Row
 from ambasync.config import Config
+from ambasync.mirror.catalog import Item, Row
 
 log = logging.getLogger("ambasync")
 GENES_SEPARATOR = ";"  # in the manifest's genes column (gene acronyms never hold it)

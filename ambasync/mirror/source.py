@@ -14,10 +14,10 @@ from typing import AsyncIterator
 
 import aiohttp
 
-from ambasync.mirror import catalog
-from ambasync.mirror.catalog import InvalidRow, Item, Row, Total
 from ambasync.config import Config, DownloadConfig
 from ambasync.errors import UpstreamError
+from ambasync.mirror import catalog
+from ambasync.mirror.catalog import InvalidRow, Item, Row, Total
 from ambasync.mirror.fetch import Throttle, get_bytes, make_session, retrying
 
 

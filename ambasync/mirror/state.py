@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ambasync.mirror.catalog import COLUMNS
-from ambasync.mirror.record import Output, Record, Status  # the state's values, importable from here too
+from ambasync.mirror.record import (  # the state's values, importable from here too
+    Output,
+    Record,
+    Status,
+)
 
 OUTPUTS_TABLE = """
 CREATE TABLE IF NOT EXISTS outputs (

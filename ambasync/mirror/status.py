@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from ambasync.config import Config
-from ambasync.mirror.outdir import check_output_folder
-from ambasync.paths import Paths
 from ambasync.mirror.health import refuse_damaged
+from ambasync.mirror.outdir import check_output_folder
 from ambasync.mirror.state import State
+from ambasync.paths import Paths
 
 
 def _when(ts: float | None) -> str:

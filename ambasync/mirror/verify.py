@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 from ambasync.config import Config
 from ambasync.errors import EXIT_FAILED, EXIT_OK
+from ambasync.mirror.filecheck import check_output
+from ambasync.mirror.health import refuse_damaged
 from ambasync.mirror.lock import OutputLock, layout_for
 from ambasync.mirror.manifest import write_manifest
 from ambasync.mirror.options import RunOptions
-from ambasync.mirror.filecheck import check_output
 from ambasync.mirror.outdir import check_output_folder
-from ambasync.paths import Paths
-from ambasync.mirror.health import refuse_damaged
 from ambasync.mirror.record import Status
 from ambasync.mirror.state import State
+from ambasync.paths import Paths
 
 log = logging.getLogger("ambasync")
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ambasync.geometry import GRID_SHAPE_200UM
-
 from ambasync.config import VOLUMES
+from ambasync.geometry import GRID_SHAPE_200UM
 
 REAL_IDS = {74272479: "Nrp1", 71717084: "Pdyn"}
 REAL_FILES = {74272479: "Nrp1_P56_coronal_74272479_200um.zip", 71717084: "Pdyn_P56_coronal_71717084_200um.zip"}

@@ -18,8 +18,16 @@ from aiohttp import web
 from ambasync.mirror.catalog import COLUMNS
 from ambasync.replica.catalogue import build_rows, catalogue_row, csv_text, select_page
 from ambasync.replica.faults import fault_for
-from ambasync.replica.grids import (REAL_FILES, REAL_IDS, SAGITTAL_IDS, data_set_xml, find_real_dir, grid_zip, real_grid,
-                                    synthetic_grid)
+from ambasync.replica.grids import (
+    REAL_FILES,
+    REAL_IDS,
+    SAGITTAL_IDS,
+    data_set_xml,
+    find_real_dir,
+    grid_zip,
+    real_grid,
+    synthetic_grid,
+)
 from ambasync.replica.settings import ReplicaConfig, ReplicaStats
 
 HTML_ERROR = "<html><head><title>{status}</title></head><body><h1>{status}</h1></body></html>"

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ambasync.cube.layout import BY_VOXEL
 from ambasync.errors import AnalysisError
 from ambasync.geometry import DIMNAMES
 
@@ -126,7 +127,7 @@ class CubeData:
         for i, row in self.catalogue.items():
             self.by_gene[row.get("gene", "")].append(i)
         self.gene_lower = {g.lower(): g for g in self.by_gene}
-        self.has_voxel_major = "expression_by_voxel" in self.ds
+        self.has_voxel_major = BY_VOXEL in self.ds
         self._volumes: collections.OrderedDict[int, Layer] = collections.OrderedDict()
         self._extra: collections.OrderedDict[str, Layer] = collections.OrderedDict()
         self._lock = threading.Lock()

@@ -90,8 +90,13 @@ mirror_hemisphere, homologs, labels, label_table, region_means
     """
     from ambasync.analysis.matrix.build import build_matrix
     from ambasync.analysis.matrix.recipe import load_recipe, make_recipe
-    from ambasync.analysis.matrix.write import as_anndata as to_anndata, as_frame, output_kind, write_matrix, \
-        write_row_image
+    from ambasync.analysis.matrix.write import as_anndata as to_anndata
+    from ambasync.analysis.matrix.write import (
+        as_frame,
+        output_kind,
+        write_matrix,
+        write_row_image,
+    )
     from ambasync.cube.read import mirror_folder
     from ambasync.errors import AnalysisError
 

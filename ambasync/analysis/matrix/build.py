@@ -17,14 +17,29 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ambasync import __version__
-from ambasync.errors import AnalysisError
 from ambasync.analysis.matrix.budget import check_knn, plan_matrix, resolve_budget
 from ambasync.analysis.matrix.impute import knn_impute_blocked, spatial_impute
-from ambasync.analysis.matrix.read import hemisphere_axis, labels_on_grid, read_blocks, read_catalogue, read_table
-from ambasync.analysis.matrix.steps import (Selection, check_mask_for_plane, combine_block, keep_rows,
-                                            log2_transform, mark_missing, missing_fraction, normalise,
-                                            region_means, select_experiments)
+from ambasync.analysis.matrix.read import (
+    hemisphere_axis,
+    labels_on_grid,
+    read_blocks,
+    read_catalogue,
+    read_table,
+)
 from ambasync.analysis.matrix.recipe import Recipe
+from ambasync.analysis.matrix.steps import (
+    Selection,
+    check_mask_for_plane,
+    combine_block,
+    keep_rows,
+    log2_transform,
+    mark_missing,
+    missing_fraction,
+    normalise,
+    region_means,
+    select_experiments,
+)
+from ambasync.errors import AnalysisError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,8 +78,8 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
     import pandas as pd
 
     from ambasync.analysis.cluster import compute_on
-    from ambasync.cube.read import cube_geometry, cube_location, open_cube
     from ambasync.analysis.masks import resolve_mask
+    from ambasync.cube.read import cube_geometry, cube_location, open_cube
     from ambasync.geometry import affine
     from ambasync.progress import Progress
 
@@ -203,7 +218,6 @@ def _genes_of_ids(row_keys: np.ndarray, sel: Selection) -> np.ndarray:
 
 def _obs(row_keys: np.ndarray, sel: Selection, catalogue: Any, recipe: Recipe) -> Any:
     """Catalogue columns per row: an experiment's own, or per gene its experiments (ids ';'-joined)."""
-    import numpy as np
     import pandas as pd
 
     cat = catalogue.set_index("experiment_id").loc[sel.ids]

@@ -25,8 +25,8 @@ def knn_impute(values: np.ndarray, n_neighbors: int = 5) -> np.ndarray:
     ``pairwise_distances_chunked`` uses, and the chunks run as dask tasks (threads or a
     ``--scheduler`` cluster): every distance is then computed on the same shapes as in one call.
     """
-    import numpy as np
     import dask
+    import numpy as np
     import sklearn
     from sklearn.impute import KNNImputer
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ambasync.errors import AnalysisError
-from ambasync.analysis.matrix.steps import Selection, mirror_hemisphere
 from ambasync.analysis.matrix.recipe import Recipe
+from ambasync.analysis.matrix.steps import Selection, mirror_hemisphere
+from ambasync.errors import AnalysisError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -135,6 +135,7 @@ def read_table(path: str, columns: tuple[str, str], what: str) -> Any:
 
 def labels_on_grid(recipe: Recipe, ds: Any) -> np.ndarray:
     import numpy as np
+
     from ambasync.cube.read import cube_geometry
     from ambasync.imaging.regrid import describe, on_grid, read_image, same_grid
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from ambasync.config import PLANES as CATALOGUE_PLANES
 from ambasync.errors import ConfigError
 
-PLANES = ("coronal", "sagittal", "both")
+PLANES = (*CATALOGUE_PLANES, "both")
 VARIABLES = ("expression", "density", "intensity")
 GROUP_BY = ("gene", "experiment")
 COMBINE = ("mean", "prefer-coronal", "zscore-mean")

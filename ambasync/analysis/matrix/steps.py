@@ -13,8 +13,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ambasync.errors import AnalysisError
 from ambasync.analysis.matrix.recipe import NORMALISE, Recipe
+from ambasync.errors import AnalysisError
 
 if TYPE_CHECKING:
     import numpy as np

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ambasync import __version__
-from ambasync.errors import AnalysisError
-from ambasync.files import tmp_name
 from ambasync.analysis.matrix.build import Matrix
 from ambasync.analysis.matrix.recipe import Recipe, dumps
+from ambasync.errors import AnalysisError
+from ambasync.files import tmp_name
 
 FORMATS = (".csv", ".parquet", ".h5ad", ".zarr")
 IMAGE_FORMATS = (".mnc", ".nii", ".nii.gz")
@@ -154,8 +154,8 @@ def as_frame(m: Matrix) -> Any:
 def as_anndata(m: Matrix) -> Any:
     """The matrix as AnnData: ``obs`` the catalogue columns of each row, ``var`` each voxel's
     i/j/k and x/y/z (or each region's size), ``uns`` the recipe (exact TOML too) and the facts."""
-    import numpy as np
     import anndata
+    import numpy as np
 
     adata = anndata.AnnData(X=m.values, obs=m.obs.copy(), var=m.var.copy())
     adata.obs.index = adata.obs.index.astype(str)
@@ -244,8 +244,9 @@ def write_row_image(m: Matrix, row: str, to: str) -> Written:
     """One row's processed map (a gene or experiment) back on the cube's grid as an image;
     voxels outside the mask are NaN."""
     import numpy as np
-    from ambasync.imaging.regrid import write_image
+
     from ambasync.analysis.matrix.methods import methods_text
+    from ambasync.imaging.regrid import write_image
 
     output_kind(to, row)
     if m.var.index.name != "voxel":

@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ambasync.analysis.search.correlate import (ALIGN, BY, DEFAULT_MASK, DEFAULT_NULLS, DEFAULT_SEED, DEFAULT_TAIL,
-                                                METHODS, TAILS)
+from ambasync.analysis.search.correlate import (
+    ALIGN,
+    BY,
+    DEFAULT_MASK,
+    DEFAULT_NULLS,
+    DEFAULT_SEED,
+    DEFAULT_TAIL,
+    METHODS,
+    TAILS,
+)
 
 if TYPE_CHECKING:
     import numpy as np

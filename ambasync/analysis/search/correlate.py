@@ -19,8 +19,21 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ambasync.analysis.search.options import (
+    METHODS,  # re-exported for the CLI and the API
+)
+from ambasync.analysis.search.tasks import (
+    BY_VOXEL,
+    compute_tasks,
+    design_matrix,
+    experiment_blocks,
+    means_block,
+    score_block,
+    score_voxel_span,
+    voxel_pieces,
+    voxel_spans,
+)
 from ambasync.errors import ConfigError
-from ambasync.analysis.search.tasks import (BY_VOXEL, compute_tasks, design_matrix, experiment_blocks, means_block, score_block, score_voxel_span, voxel_pieces, voxel_spans)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ambasync.search")
 
-METHODS = ("pearson", "spearman")  # the same as search_stats.METHODS (kept here: no numpy at import)
 BY = ("experiment", "gene")
 DEFAULT_MASK = "brain"  # voxels with data in any experiment of the cube
 DEFAULT_NULLS = 1000  # p-values down to 1/1001
@@ -65,8 +77,8 @@ def _on_cube(image: str | np.ndarray, ds: xr.Dataset, method: str, align: str | 
     taken as it is."""
     import numpy as np
 
-    from ambasync.errors import AnalysisError
     from ambasync.cube.read import cube_geometry
+    from ambasync.errors import AnalysisError
     from ambasync.imaging.regrid import align_image, read_image
 
     if isinstance(image, np.ndarray):
@@ -208,9 +220,15 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
     import dask
     import numpy as np
 
-    from ambasync.cube.read import cube_location, open_cube
     from ambasync.analysis.search.nulls import null_spectrum, phase_randomised
-    from ambasync.analysis.search.stats import bh_q, gene_scores, parametric_p, spatial_pvalues, voxel_design
+    from ambasync.analysis.search.stats import (
+        bh_q,
+        gene_scores,
+        parametric_p,
+        spatial_pvalues,
+        voxel_design,
+    )
+    from ambasync.cube.read import cube_location, open_cube
 
     if method not in METHODS:
         raise _error(f"--method {method!r}: use one of {', '.join(METHODS)}")
@@ -309,9 +327,9 @@ def fold_change(out: str, target: str | np.ndarray, contrast: str | np.ndarray |
     import dask
     import numpy as np
 
-    from ambasync.cube.read import cube_location, open_cube
     from ambasync.analysis.masks import resolve_mask
     from ambasync.analysis.search.stats import log2_fold
+    from ambasync.cube.read import cube_location, open_cube
 
     if align not in (None, *ALIGN):
         raise _error(f"--align {align!r}: use one of {', '.join(ALIGN)}")

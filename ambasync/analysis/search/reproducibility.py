@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-NO_DATA = -1.0  # the Allen grids' "no data" value (as ambasync's search statistics treat it)
+from ambasync.geometry import NO_DATA
+
 THRESHOLD = 0.5  # replicated: mean pairwise Spearman rho above this
 MIN_SHARED = 10  # fewer shared voxels than this: no correlation for the pair (NaN), not noise
 COLUMNS = ("n_experiments", "n_pairs", "reproducibility", "replicated")

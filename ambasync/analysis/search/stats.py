@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-NO_DATA = -1.0  # the Allen grids' "no data" value, kept as is in the cube
-METHODS = ("pearson", "spearman")
+from ambasync.analysis.search.options import METHODS
+from ambasync.geometry import NO_DATA
+
 # Fewer voxels than this shared by map and experiment: no correlation (NaN), not noise.
 MIN_VOXELS = 10
 # A map (or null) whose variance over an experiment's voxels is below this fraction of its

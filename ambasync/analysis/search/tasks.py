@@ -13,13 +13,16 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ambasync.cube.layout import (
+    BY_VOXEL,  # the cube's voxel-major copy, when it has one
+)
+
 if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger("ambasync.search")
 
 BLOCK_BYTES = 32 << 20  # cube grids (float32) read and scored per task: ~50 experiments at 200 µm
-BY_VOXEL = "expression_by_voxel"  # the cube's voxel-major copy (docs/cube.md), when it has one
 BLAS_THREADS = 1  # BLAS threads inside a voxel-major scoring task (the tasks fill the cores)
 
 
@@ -57,8 +60,8 @@ def score_block(location: str, span: tuple[int, int], voxels: np.ndarray, design
                 method: str) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
-    from ambasync.cube.read import read_experiments
     from ambasync.analysis.search.stats import block_correlations
+    from ambasync.cube.read import read_experiments
 
     block = read_experiments(location, *span)
     y, y2 = design
@@ -107,11 +110,10 @@ def score_voxel_span(location: str, span: tuple[int, int], pieces: list[Piece],
     """Experiments ``span`` scored from the voxel-major copy: each chunk of the mask read (its
     mask voxels only are kept), its sums added, r from the sums (search_stats)."""
     import numpy as np
-
     from threadpoolctl import threadpool_limits
 
-    from ambasync.cube.read import read_voxels
     from ambasync.analysis.search.stats import correlations_from_sums, voxel_block_sums
+    from ambasync.cube.read import read_voxels
 
     y, nulls = design
     total = None
@@ -140,8 +142,8 @@ def means_block(location: str, span: tuple[int, int], voxels: np.ndarray,
     (two bool arrays over ``voxels``; they may overlap: an explicit contrast is used as given)."""
     import numpy as np
 
-    from ambasync.cube.read import read_experiments
     from ambasync.analysis.search.stats import block_means
+    from ambasync.cube.read import read_experiments
 
     target, contrast = regions
     block = read_experiments(location, *span)
