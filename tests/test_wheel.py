@@ -124,6 +124,14 @@ def test_an_installed_wheel_mirrors_builds_the_cube_and_analyses_it_from_any_fol
              "--to", "hits.csv", "--nulls", "20", "-q")
     assert s.returncode == 0, s.stderr
 
+    # Both outputs name the cube version they read, so a paper's table can be traced to its cube.
+    import xarray as xr
+
+    version = xr.open_zarr(data / "cube.zarr").attrs.get("cube_version")
+    assert version
+    for methods in ("m.csv.methods.md", "hits.csv.methods.md"):
+        assert f"version {version}" in (venv["cwd"] / methods).read_text(), methods
+
     # The Python API in the installed package gives the same tables as its command line.
     script = textwrap.dedent("""
         import sys, ambasync, pandas as pd

@@ -33,6 +33,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "See docs/search.md.")
     p.add_argument("map", nargs="?", metavar="MAP", help="the map (.mnc, .nii, .nii.gz); any grid in the same space")
     p.add_argument("--out", metavar="DIR", help="the mirror folder holding cube.zarr (or the .zarr itself)")
+    p.add_argument("--cube", metavar="URL", help="the cube itself when not {out}/cube.zarr: a folder or an "
+                                                 "fsspec URL such as s3://bucket/cube.zarr")
     p.add_argument("--to", required=True, metavar="RESULTS.csv", help="the table to write (CSV)")
     p.add_argument("--mask", default=DEFAULT_MASK, metavar="NAME|PATH",
                    help="voxels to use: brain (default), coronal, sagittal (coverage >= 0.8) or an image's nonzero voxels")
@@ -77,7 +79,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         logging.getLogger("ambasync").setLevel(min(logging.getLogger("ambasync").getEffectiveLevel(), logging.INFO))
     done = run_search(args.out, args.map, to=args.to, mask=args.mask, method=args.method, nulls=args.nulls,
                       seed=args.seed, by=args.by, target=args.target, contrast=args.contrast, plot=args.plot,
-                      scheduler=args.scheduler, cube=getattr(args, "cube", None), quiet=not progress,
+                      scheduler=args.scheduler, cube=args.cube, quiet=not progress,
                       tail=args.tail, align=args.align, target_above=args.target_above,
                       contrast_at_most=args.contrast_at_most)
     if not progress:

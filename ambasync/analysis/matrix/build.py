@@ -79,7 +79,7 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
 
     from ambasync.analysis.cluster import compute_on
     from ambasync.analysis.masks import resolve_mask
-    from ambasync.cube.read import cube_geometry, cube_location, open_cube
+    from ambasync.cube.read import cube_geometry, cube_location, cube_version, open_cube
     from ambasync.geometry import affine
     from ambasync.progress import Progress
 
@@ -199,7 +199,7 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
                            index=pd.Index(list(regions), name="region"))
         columns = regions
     facts = {
-        "cube": cube_location(out), "cube_hash": digest.hexdigest(), "ambasync_version": __version__,
+        "cube": cube_location(out), "cube_version": cube_version(ds), "cube_hash": digest.hexdigest(), "ambasync_version": __version__,
         "n_experiments": int(sel.ids.size), "n_rows_grouped": int(grouped), "n_rows": int(values.shape[0]),
         "n_voxels": n_vox, "n_columns": int(values.shape[1]),
         "columns": "regions" if var.index.name == "region" else "voxels", "n_region_voxels": n_region_voxels,

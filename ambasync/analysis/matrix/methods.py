@@ -47,7 +47,7 @@ def methods_text(recipe: Recipe, facts: dict[str, Any], output: str = "") -> str
     s.append(
         f"Gene expression was obtained from the Allen Mouse Brain Atlas in situ hybridisation "
         f"expression grids at 200 µm (Lein et al., 2007), mirrored into the study's template space and read "
-        f"from an ambasync cube with ambasync {facts.get('ambasync_version', '?')} (cube {facts.get('cube', '?')}; "
+        f"from an ambasync cube with ambasync {facts.get('ambasync_version', '?')} (cube {facts.get('cube', '?')}, version {facts.get('cube_version') or 'not recorded'}; "
         f"SHA-256 of the slice of the cube used, over the experiment ids, the mask and the masked values: "
         f"{facts.get('cube_hash', '?')}). The `{r.variable}` volume of {facts.get('n_experiments', '?')} "
         f"{_plane_text(r, facts)} was used"

@@ -42,6 +42,13 @@ class Searched:
     report: tuple[str, ...] = ()  # each image's overlap with the mask (voxels, %), as the command prints it
 
 
+def _cube_version(location: str) -> str:
+    """The version of the cube a search read, for its methods paragraph (a paper's table names it)."""
+    from ambasync.cube.read import cube_version, open_cube
+
+    return cube_version(open_cube(location))
+
+
 def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.ndarray | None = None, *,
                to: str | os.PathLike | None = None, mask: str = DEFAULT_MASK, method: str = "pearson",
                nulls: int = DEFAULT_NULLS, seed: int = DEFAULT_SEED, by: str = "experiment",
@@ -86,6 +93,7 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
 
             first = table.iloc[0] if len(table) else {}
             facts = {"n_experiments": len(table), "mask": mask, "align": align, "version": _version(),
+                     "cube_version": _cube_version(location),
                      "target": first.get("target", region_name(target, above=target_above)),
                      "contrast": first.get("contrast", "?")}
             written = (str(write_table(table, to)), str(_write_methods(fold_methods(facts), to)))
@@ -107,6 +115,7 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
         facts = {"n_experiments": len(result.experiments), "map": Path(the_map).name if isinstance(the_map, str)
                  else "given as an array", "mask": mask, "method": method, "nulls": nulls, "seed": seed,
                  "tail": tail, "align": align, "by_gene": by == "gene", "version": _version(),
+                 "cube_version": _cube_version(location),
                  "n_gpd": int((result.experiments["p_method"] == "gpd").sum())}
         written.append(str(_write_methods(correlation_methods(facts), to)))
     if plot is not None:

@@ -32,7 +32,7 @@ def correlation_methods(facts: dict[str, Any]) -> str:
     refs = ["lein", "theiler", "bh"]
     s = [f"Gene expression energy of {facts['n_experiments']} Allen Mouse Brain Atlas in situ hybridisation "
          f"experiments at 200 µm (Lein et al., 2007) was read from an ambasync cube (ambasync "
-         f"{facts.get('version', '?')}). The map {facts['map']} was {_align(facts.get('align'))} "
+         f"{facts.get('version', '?')}; cube version {facts.get('cube_version') or 'not recorded'}). The map {facts['map']} was {_align(facts.get('align'))} "
          f"({'trilinear' if facts.get('align') != 'voxel' else 'no interpolation'}), and each experiment's "
          f"{'Spearman' if facts['method'] == 'spearman' else 'Pearson'} correlation with it was computed over the "
          f"voxels of the mask {facts['mask']} where both have data."]
@@ -64,7 +64,7 @@ def fold_methods(facts: dict[str, Any]) -> str:
     align, n_experiments, version."""
     s = [f"Gene expression energy of {facts['n_experiments']} Allen Mouse Brain Atlas in situ hybridisation "
          f"experiments at 200 µm (Lein et al., 2007) was read from an ambasync cube (ambasync "
-         f"{facts.get('version', '?')}). Region images were {_align(facts.get('align'))} (nearest voxel). "
+         f"{facts.get('version', '?')}; cube version {facts.get('cube_version') or 'not recorded'}). Region images were {_align(facts.get('align'))} (nearest voxel). "
          f"For each experiment, the fold change is its mean expression energy over the target region "
          f"({facts['target']}) divided by its mean over the contrast region ({facts['contrast']}), each mean over "
          f"the region's voxels within the mask {facts['mask']} where the experiment has data, as ABIgeneRMINC's "
