@@ -85,6 +85,12 @@ class KV:
     def put_parts(self, key: str, parts: list[bytes]) -> None:
         """One object made of ``parts`` (a local file is written piece by piece: no joined copy)."""
         self.put(key, b"".join(parts))
+    def open_write(self, key: str):
+        """(file, commit): write the object's bytes to ``file``, then ``commit()`` puts it whole."""
+        import io
+
+        buf = io.BytesIO()
+        return buf, lambda: self.put(key, buf.getvalue())
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
         return {k: v for k in keys if (v := self.get(k)) is not None}
     def create(self, key: str, data: bytes) -> bool: ...
@@ -131,6 +137,17 @@ class LocalKV(KV):
 
     def put_parts(self, key: str, parts: list[bytes]) -> None:
         self.put(key, parts)  # type: ignore[arg-type]
+
+    def open_write(self, key: str):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        fh = open(tmp, "wb")
+
+        def commit() -> None:
+            fh.close()
+            os.replace(tmp, path)
+        return fh, commit
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)

@@ -152,7 +152,7 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
         # floats), each grid decoded once per part
         part_z = max(1, PART_PLANES // settings.zshard) * settings.zshard
         zparts = range(0, vol_shape[0], part_z) if main and settings.by_voxel else [None]
-        new_chunks: list[bytes | None] = [None] * n_inner
+        new_chunks = shards.Writer(kv, layout.shard_key(var, b), n_inner)  # streamed: not held in memory
         for part, z0 in enumerate(zparts):
             z1 = vol_shape[0] if z0 is None else min(vol_shape[0], z0 + part_z)
             zlo = 0 if z0 is None else z0
@@ -166,7 +166,7 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
                 reuse = len(group) == per and all(source is None and plane is not None for _, plane, source in group) \
                     and old_chunks[i] is not None
                 if reuse and not main:
-                    new_chunks[i] = old_chunks[i]
+                    new_chunks.add(i, old_chunks[i])
                     continue
                 old = None
                 if any(source is None and plane is not None for _, plane, source in group):
@@ -204,15 +204,15 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
                         np.add(counts[plane], values != FILL, out=counts[plane], casting="unsafe")
                 if part == 0:
                     if reuse:
-                        new_chunks[i] = old_chunks[i]
+                        new_chunks.add(i, old_chunks[i])
                     elif vols is not None and (vols != FILL).any():
-                        new_chunks[i] = layout.blosc(settings.codec).encode(vols)
+                        new_chunks.add(i, layout.blosc(settings.codec).encode(vols))
             if main and z0 is not None:
                 for zs in range(0, z1 - zlo, settings.zshard):
                     kv.put_parts(layout.by_voxel_shard_key((zlo + zs) // settings.zshard, b),
                                  _by_voxel_shard(settings, slab[:, zs:zs + settings.zshard]))
             del slab
-        kv.put_parts(layout.shard_key(var, b), shards.parts(new_chunks))
+        new_chunks.close()
         del new_chunks, old_chunks
     buf = io.BytesIO()
     np.savez(buf, **counts)

@@ -58,3 +58,25 @@ def split(shard: bytes, n_chunks: int) -> list[bytes | None]:
     for offset, length in index.tolist():
         out.append(None if offset == EMPTY else view[offset:offset + length])
     return out
+
+
+class Writer:
+    """A shard written as its inner chunks come (any order), the index last: a publish task does
+    not hold a shard of 512 experiments (~100 MB) in memory. ``kv.open_write`` gives the object's
+    file (a local temporary file renamed into place, or a buffer sent whole to an object store)."""
+
+    def __init__(self, kv, key: str, n_chunks: int):
+        self.index = np.full((n_chunks, 2), EMPTY, dtype="<u8")
+        self.offset = 0
+        self.fh, self._commit = kv.open_write(key)
+
+    def add(self, i: int, blob) -> None:
+        self.index[i] = (self.offset, len(blob))
+        self.fh.write(blob)
+        self.offset += len(blob)
+
+    def close(self) -> None:
+        raw_index = self.index.tobytes()
+        self.fh.write(raw_index)
+        self.fh.write(_crc32c(raw_index))
+        self._commit()
