@@ -56,9 +56,12 @@ def _experiments(n: int, variants: int = 0):
         yield TestExperiment(eid, r["gene"], r["plane"], cache[key], dict(r))
 
 
-def write_cube(out: Path, experiments, batch: int = 256) -> int:
+def write_cube(out: Path, experiments, batch: int = 256, per_chunk: int = 8, volume=None, coverage=None) -> int:
     """A cube in the contract's layout (as tests/cubes.py writes it), appended in batches so the
-    atlas-scale set never sits in memory at once. Returns the number of experiments."""
+    atlas-scale set never sits in memory at once. Returns the number of experiments.
+
+    ``per_chunk``: experiments per stored chunk; ``volume(experiment, ras) -> ras``: each volume as
+    stored (default as served); ``coverage``: the coronal coverage (default that of the first batch)."""
     import warnings
 
     import xarray as xr
@@ -78,7 +81,8 @@ def write_cube(out: Path, experiments, batch: int = 256) -> int:
                 continue
         if not chunk:
             break
-        expression = np.stack([notebook_ras(np.asarray(x.grid, dtype=np.float32)) for x in chunk])
+        expression = np.stack([(volume or (lambda _, v: v))(x, notebook_ras(np.asarray(x.grid, dtype=np.float32)))
+                               for x in chunk])
         coords = {"experiment": np.array([x.experiment_id for x in chunk], dtype=np.int64)}
         coords.update({name: ("experiment", _column(chunk, name)) for name in CATALOGUE_COLUMNS})
         data = {"expression": (("experiment", "zspace", "yspace", "xspace"), expression)}
@@ -88,8 +92,9 @@ def write_cube(out: Path, experiments, batch: int = 256) -> int:
                 coords[name] = xr.Variable(name, start + STEP * np.arange(size),
                                            attrs={"units": "mm", "start": start, "step": STEP,
                                                   "direction_cosines": cos})
-            coverage = (expression != -1).mean(axis=0).astype(np.float32)  # of the first batch: a bench cube
-            data["coverage_coronal"] = (("zspace", "yspace", "xspace"), coverage)
+            if coverage is None:
+                coverage = (expression != -1).mean(axis=0)  # of the first batch: a bench cube
+            data["coverage_coronal"] = (("zspace", "yspace", "xspace"), np.asarray(coverage, dtype=np.float32))
             data["coverage_sagittal"] = (("zspace", "yspace", "xspace"), np.zeros(SIZES, np.float32))
         ds = xr.Dataset(data, coords=coords, attrs={"ambasync_version": "bench", "format_version": 1,
                                                     "orientation": "RAS", "space": "MICe", "expansion": 1.0,
@@ -98,7 +103,7 @@ def write_cube(out: Path, experiments, batch: int = 256) -> int:
             warnings.simplefilter("ignore")
             if n == 0:
                 ds.to_zarr(store, mode="w", zarr_format=3, consolidated=True,
-                           encoding={"expression": {"chunks": (8, *SIZES)}})
+                           encoding={"expression": {"chunks": (per_chunk, *SIZES)}})
             else:
                 ds.to_zarr(store, append_dim="experiment", zarr_format=3, consolidated=True)
         n += len(chunk)

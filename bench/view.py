@@ -47,60 +47,21 @@ NRP1 = 74272479
 
 def write_bench_cube(out: Path, n: int, batch: int = 128) -> Path:
     """The bench cube (see the module's docstring), appended in batches: never more than one
-    batch in memory."""
-    import warnings
-
-    import xarray as xr
-    from cubes import CATALOGUE_COLUMNS, SIZES, STARTS, STEP, _column
-    from helpers import notebook_ras
-
+    batch in memory. One experiment per chunk, as the production writer stores them."""
     from ambasync.imaging.regrid import read_image
-    from bench.matrix import _experiments
+    from bench.matrix import _experiments, write_cube
 
-    store = out / "cube.zarr"
     coverage, _ = read_image(CORONAL_MASK)
     rng = np.random.default_rng(0)
-    done, chunk = 0, []
-    items = iter(_experiments(n, VARIANTS))
-    while True:
-        e = next(items, None)
-        if e is not None:
-            chunk.append(e)
-            if len(chunk) < batch:
-                continue
-        if not chunk:
-            break
-        vols = []
-        for x in chunk:
-            v = notebook_ras(np.asarray(x.grid, dtype=np.float32)).copy()
-            if x.experiment_id != NRP1:
-                v[v != -1] *= np.float32(rng.uniform(0.5, 2.0))
-            vols.append(v)
-        coords = {"experiment": np.array([x.experiment_id for x in chunk], dtype=np.int64)}
-        coords.update({name: ("experiment", _column(chunk, name)) for name in CATALOGUE_COLUMNS})
-        data = {"expression": (("experiment", "zspace", "yspace", "xspace"), np.stack(vols))}
-        if done == 0:
-            for name, size, start in zip(("zspace", "yspace", "xspace"), SIZES, STARTS):
-                cos = [float(name == axis) for axis in ("xspace", "yspace", "zspace")]
-                coords[name] = xr.Variable(name, start + STEP * np.arange(size),
-                                           attrs={"units": "mm", "start": start, "step": STEP, "direction_cosines": cos})
-            data["coverage_coronal"] = (("zspace", "yspace", "xspace"), coverage.astype(np.float32))
-            data["coverage_sagittal"] = (("zspace", "yspace", "xspace"), np.zeros(SIZES, np.float32))
-        ds = xr.Dataset(data, coords=coords, attrs={"ambasync_version": "bench", "format_version": 1,
-                                                    "orientation": "RAS", "space": "MICe", "expansion": 1.0,
-                                                    "source_url": "bench", "updated": "2026-01-01T00:00:00Z"})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if done == 0:
-                ds.to_zarr(store, mode="w", zarr_format=3, consolidated=True,
-                           encoding={"expression": {"chunks": (1, *SIZES)}})
-            else:
-                ds.to_zarr(store, append_dim="experiment", zarr_format=3, consolidated=True)
-        done += len(chunk)
-        chunk = []
-        if e is None:
-            break
-    return store
+
+    def scaled(e, ras: np.ndarray) -> np.ndarray:  # no two columns equal (the variants repeat)
+        ras = ras.copy()
+        if e.experiment_id != NRP1:
+            ras[ras != -1] *= np.float32(rng.uniform(0.5, 2.0))
+        return ras
+
+    write_cube(out, _experiments(n, VARIANTS), batch=batch, per_chunk=1, volume=scaled, coverage=coverage)
+    return out / "cube.zarr"
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
