@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -16,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ambasync.errors import ExperimentError, RunError
-from ambasync.mirror.report import log
 from ambasync.cube.layout import CubeSettings
 from ambasync.cube.slots import Member
 from ambasync.cube.store import Cube, PublishResult
 from ambasync.cube.writer import CubeWrite, write_slot
+from ambasync.errors import ExperimentError, RunError
+
+log = logging.getLogger("ambasync")
 
 MAX_RAW_BYTES = 64 * 1024 * 1024
 
