@@ -28,7 +28,7 @@ from ambasync.analysis.matrix.read import (
 )
 from ambasync.analysis.matrix.recipe import Recipe
 from ambasync.analysis.matrix.steps import (
-    Selection,
+    ExperimentSelection,
     check_mask_for_plane,
     combine_block,
     keep_rows,
@@ -210,13 +210,13 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
     return Matrix(values, row_keys, ROW_LABEL[recipe.group_by], obs, var, columns, mask, geometry, recipe, facts)
 
 
-def _genes_of_ids(row_keys: np.ndarray, sel: Selection) -> np.ndarray:
+def _genes_of_ids(row_keys: np.ndarray, sel: ExperimentSelection) -> np.ndarray:
     import numpy as np
     gene_of = dict(zip(sel.ids.astype(str).tolist(), sel.genes.tolist()))
     return np.array([gene_of[k] for k in row_keys])
 
 
-def _obs(row_keys: np.ndarray, sel: Selection, catalogue: Any, recipe: Recipe) -> Any:
+def _obs(row_keys: np.ndarray, sel: ExperimentSelection, catalogue: Any, recipe: Recipe) -> Any:
     """Catalogue columns per row: an experiment's own, or per gene its experiments (ids ';'-joined)."""
     import pandas as pd
 

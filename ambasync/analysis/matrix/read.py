@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ambasync.analysis.matrix.recipe import Recipe
-from ambasync.analysis.matrix.steps import Selection, mirror_hemisphere
+from ambasync.analysis.matrix.steps import ExperimentSelection, mirror_hemisphere
 from ambasync.errors import AnalysisError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def read_catalogue(ds: Any) -> Any:
     return pd.DataFrame(data)
 
 
-def read_blocks(data: Any, sel: Selection, mask_flat: np.ndarray, mirror_axis: int | None,
+def read_blocks(data: Any, sel: ExperimentSelection, mask_flat: np.ndarray, mirror_axis: int | None,
                 digest: Any, progress: bool, block: int = BLOCK_EXPERIMENTS, location: str | None = None,
                 variable: str = "expression", transform: Any = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows of this block in ``sel`` order, masked float32 voxels), whole genes per block of

@@ -27,7 +27,7 @@ IQR_NORMAL = 1.3489795003921634  # IQR of the standard normal: scipy.stats.iqr(s
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Selection:
+class ExperimentSelection:
     """The experiments a recipe uses, as positions in the cube and their catalogue values,
     ordered by (gene, experiment id) so a gene's experiments are adjacent."""
 
@@ -47,7 +47,7 @@ def _asked(column: np.ndarray, asked, unknown, what_to_do: str) -> np.ndarray:
     return np.isin(column, list(asked))
 
 
-def select_experiments(ids: np.ndarray, genes: np.ndarray, planes: np.ndarray, recipe: Recipe) -> Selection:
+def select_experiments(ids: np.ndarray, genes: np.ndarray, planes: np.ndarray, recipe: Recipe) -> ExperimentSelection:
     """The cube's experiments a recipe keeps; an unknown gene or id is an error naming it."""
     import numpy as np
     ids = np.asarray(ids, dtype=np.int64)
@@ -72,7 +72,7 @@ def select_experiments(ids: np.ndarray, genes: np.ndarray, planes: np.ndarray, r
                             + (f", genes {', '.join(recipe.genes)}" if recipe.genes else "")
                             + (f", ids {', '.join(map(str, recipe.ids))}" if recipe.ids else ""))
     order = chosen[np.lexsort((ids[chosen], genes[chosen]))]
-    return Selection(order.astype(np.int64), ids[order], genes[order], planes[order])
+    return ExperimentSelection(order.astype(np.int64), ids[order], genes[order], planes[order])
 
 
 def check_mask_for_plane(recipe: Recipe) -> None:
@@ -256,6 +256,6 @@ def region_means(values: np.ndarray, voxel_labels: np.ndarray, table: dict[int, 
     return out, regions
 
 
-__all__ = ["Selection", "check_mask_for_plane", "combine_block", "group_means", "keep_rows", "log2_transform",
+__all__ = ["ExperimentSelection", "check_mask_for_plane", "combine_block", "group_means", "keep_rows", "log2_transform",
            "mark_missing", "mirror_hemisphere", "missing_fraction", "normalise", "region_means",
            "select_experiments", "zscore_rows"]

@@ -34,7 +34,7 @@ def output_kind(to: str, volume: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class Written:
+class MatrixFiles:
     path: str
     recipe_path: str
     methods_path: str
@@ -203,7 +203,7 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_matrix(m: Matrix, to: str, progress: bool = False) -> Written:
+def write_matrix(m: Matrix, to: str, progress: bool = False) -> MatrixFiles:
     """The matrix at ``to`` (format by extension) with ``{to}.recipe.toml`` and ``{to}.methods.md``,
     all atomically: each is written under a temporary name, then renamed, the matrix last.
     ``progress``: CSV and Parquet report rows (Parquet: cells converted) with an ETA."""
@@ -237,10 +237,10 @@ def write_matrix(m: Matrix, to: str, progress: bool = False) -> Written:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-    return Written(str(path), str(recipe_path), str(methods_path))
+    return MatrixFiles(str(path), str(recipe_path), str(methods_path))
 
 
-def write_row_image(m: Matrix, row: str, to: str) -> Written:
+def write_row_image(m: Matrix, row: str, to: str) -> MatrixFiles:
     """One row's processed map (a gene or experiment) back on the cube's grid as an image;
     voxels outside the mask are NaN."""
     import numpy as np
@@ -261,7 +261,7 @@ def write_row_image(m: Matrix, row: str, to: str) -> Written:
     methods = methods_text(m.recipe, m.facts, output=f"{path.name} ({m.row_label.lower()} {row})")
     with _side_files(to, m.recipe, methods) as (recipe_path, methods_path):
         write_image(volume, m.geometry, path)  # atomic itself
-    return Written(str(path), str(recipe_path), str(methods_path))
+    return MatrixFiles(str(path), str(recipe_path), str(methods_path))
 
 
-__all__ = ["FORMATS", "IMAGE_FORMATS", "Written", "as_anndata", "as_frame", "output_kind", "write_matrix", "write_row_image"]
+__all__ = ["FORMATS", "IMAGE_FORMATS", "MatrixFiles", "as_anndata", "as_frame", "output_kind", "write_matrix", "write_row_image"]
