@@ -52,7 +52,9 @@ if ((dev)); then
   # The editable install is redone only when what it depends on changed (make test-fast stays fast).
   stamp=".install-stamp"
   want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16) $extras $("$PYTHON" -c 'import sys; print(sys.prefix)')"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PYTHON" -c "import ambasync" 2>/dev/null; then
+  # ...and only if the installed package is this checkout's (another clone may have installed its own)
+  here='import ambasync, pathlib, sys; sys.exit(pathlib.Path(ambasync.__file__).resolve().parent != pathlib.Path("ambasync").resolve())'
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PYTHON" -c "$here" 2>/dev/null; then
     say "ambasync already installed (editable, extras: $extras)"
     exit 0
   fi

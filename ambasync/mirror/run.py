@@ -117,6 +117,9 @@ class Run:
                                    render(self.summary, self.cfg.shard))
                 except OSError as exc:
                     log.error("could not write the metrics textfile: %s", exc)
+                # A stop (full disk, signal) can cut a conversion short in a worker, leaving its
+                # temporary file; with no other shard running, nothing is left half-written.
+                lock.if_alone(lambda: sum(sweep_tmp(d) for d in roots if d.is_dir()))
         finally:
             for sig in early_signals.SIGNALS:
                 loop.remove_signal_handler(sig)
