@@ -9,7 +9,7 @@ install:
 
 # Everything: unit and end-to-end (real runs, servers, clusters, a wheel in a fresh venv). CI runs this.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 # Unit tests only (pure modules in this process), for the edit-test loop: seconds, not minutes.
 test-fast: install

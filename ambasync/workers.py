@@ -61,6 +61,13 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
     before the event-loop process has imported aiohttp, so the workers are ready sooner."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
-    multiprocessing.forkserver.ensure_running()
+    # Ctrl-C belongs to the run. The forkserver and the resource tracker inherit a blocked SIGINT
+    # from their first instruction (the mask survives exec), so a Ctrl-C while their interpreter
+    # starts prints no traceback from them; here it stays pending and is handled once unblocked.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return ctx
 
