@@ -11,7 +11,6 @@ import gzip
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -395,7 +394,6 @@ def test_command_serves_on_127_0_0_1_and_stops(world):
                              "--port", "0", "--no-coexpression"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
-        start = time.monotonic()
         line = proc.stdout.readline()
         assert line.startswith("ambasync view: http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
         url = line.split()[2]
@@ -403,7 +401,6 @@ def test_command_serves_on_127_0_0_1_and_stops(world):
 
         with urllib.request.urlopen(url + "api/info", timeout=10) as r:
             assert r.status == 200
-        assert time.monotonic() - start < 60
     finally:
         proc.terminate()
         proc.wait(timeout=20)
