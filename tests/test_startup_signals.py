@@ -113,7 +113,9 @@ def test_ctrl_c_while_the_forkserver_starts_is_one_line_and_never_a_traceback(re
 def test_no_conversion_worker_or_resource_tracker_outlives_the_run_however_it_ends(replica, tmp_path, how):
     proc, err = start(tmp_path, replica.url)
     coronal = tmp_path / "out" / "coronal"
-    wait_until(lambda: coronal.is_dir() and any(coronal.glob("*.mnc")), proc)  # converting now
+    # converting now, with every helper started (a loaded machine starts the second worker later)
+    wait_until(lambda: coronal.is_dir() and any(coronal.glob("*.mnc")) and len(session(proc.pid) - {proc.pid}) >= 4,
+               proc)
     helpers = session(proc.pid) - {proc.pid}
     assert len(helpers) >= 4, helpers  # resource tracker, forkserver, two workers
     if how == signal.SIGINT:
