@@ -132,7 +132,7 @@ def child_read(kind: str, store: str) -> None:
     t0 = time.perf_counter()
     import dask
     import dask.array  # noqa: F401  (xarray imports it lazily at the first open: an import, not a read)
-    import numpy as np
+    import numpy as np  # noqa: F401  (imported here to time the imports apart)
     import xarray as xr
     import zarr  # noqa: F401
 

@@ -141,8 +141,9 @@ def child_volume_major(out: str, map_path: str, to: str) -> None:
     """The same search read experiment by experiment from ``expression`` (the path cubes without
     the voxel-major copy take)."""
     from ambasync.analysis.search.correlate import correlate
+    from ambasync.cube.read import resolve_cube
 
-    correlate(out, map_path, nulls=0, progress=False, voxel_major=False).experiments.to_csv(to, index=False)
+    correlate(resolve_cube(out), map_path, nulls=0, progress=False, voxel_major=False).experiments.to_csv(to, index=False)
 
 
 def bench_voxel(work: Path, cube: Path) -> dict:

@@ -114,7 +114,7 @@ async def test_a_real_runs_textfile_counts_the_files_it_wrote(tmp_path):
     """A nightly job's alert reads this file: without it, a failing mirror goes unnoticed."""
     config = ReplicaConfig(n_coronal=5, n_sagittal=0, real_dir="/nonexistent", bad={100013: "404"})
     async with serve(config) as (_, url):
-        s = await mirror(url, tmp_path)
+        await mirror(url, tmp_path)
     path = textfile_path(tmp_path / "reports")  # the run wrote it
     samples, _ = parse(path.read_text())
     files = sorted((tmp_path / "coronal").glob("*.mnc"))

@@ -157,7 +157,7 @@ def test_calibration_over_smooth_random_maps(smooth_cube, brain, tmp_path):
     for m in range(CALIBRATION_MAPS):
         volume = smooth_field(rng)
         path = save_nifti(volume, tmp_path / f"map{m}.nii")
-        result = correlate(str(folder), path, nulls=CALIBRATION_NULLS, seed=m, progress=False)
+        result = correlate(str(folder / "cube.zarr"), path, nulls=CALIBRATION_NULLS, seed=m, progress=False)
         spatial.extend(result.experiments["p_spatial"].tolist())
         for ras in arrays:
             use = brain_mask & (ras != -1)
@@ -175,7 +175,7 @@ def test_spearman_is_scipys_where_the_experiment_covers_the_mask(smooth_cube, br
 
     folder, experiments, arrays = smooth_cube
     volume = np.exp(smooth_field(np.random.default_rng(5)))
-    result = correlate(str(folder), save_nifti(volume, tmp_path / "map.nii"), method="spearman", nulls=0,
+    result = correlate(str(folder / "cube.zarr"), save_nifti(volume, tmp_path / "map.nii"), method="spearman", nulls=0,
                        progress=False)
     brain_mask = (arrays != -1).any(axis=0)
     table = result.experiments.set_index("experiment_id")
@@ -193,8 +193,8 @@ def test_map_at_100um_gives_the_same_ranking_as_at_200um(smooth_cube, tmp_path):
     folder, _, _ = smooth_cube
     volume = smooth_field(np.random.default_rng(11))
     fine = volume.repeat(2, axis=0).repeat(2, axis=1).repeat(2, axis=2)
-    coarse = correlate(str(folder), save_nifti(volume, tmp_path / "c.nii"), nulls=0, progress=False).experiments
-    finer = correlate(str(folder), save_nifti(fine, tmp_path / "f.nii", step=STEP / 2), nulls=0,
+    coarse = correlate(str(folder / "cube.zarr"), save_nifti(volume, tmp_path / "c.nii"), nulls=0, progress=False).experiments
+    finer = correlate(str(folder / "cube.zarr"), save_nifti(fine, tmp_path / "f.nii", step=STEP / 2), nulls=0,
                       progress=False).experiments
     assert finer["experiment_id"].tolist() == coarse["experiment_id"].tolist()
     np.testing.assert_allclose(finer["r"], coarse["r"], atol=1e-6)
@@ -211,9 +211,9 @@ def test_local_and_cluster_give_identical_results(smooth_cube, tmp_path, monkeyp
 
     folder, _, _ = smooth_cube
     path = save_nifti(smooth_field(np.random.default_rng(3)), tmp_path / "map.nii")
-    local = correlate(str(folder), path, nulls=30, by_gene=True, progress=False)
+    local = correlate(str(folder / "cube.zarr"), path, nulls=30, by_gene=True, progress=False)
     with local_cluster() as cluster:
-        remote = correlate(str(folder), path, nulls=30, by_gene=True, scheduler=cluster.scheduler_address,
+        remote = correlate(str(folder / "cube.zarr"), path, nulls=30, by_gene=True, scheduler=cluster.scheduler_address,
                            progress=False)
     assert local.experiments.equals(remote.experiments)
     assert local.genes.equals(remote.genes)
@@ -330,8 +330,8 @@ def test_cube_with_voxel_major_copy_gives_the_volume_major_table(tmp_path):
     k = 2
     volume = np.where(brain_mask, np.maximum(arrays[k], 0) + 0.5 * smooth_field(np.random.default_rng(8)), 0.0)
     path = save_nifti(volume, tmp_path / "map.nii")
-    fast = correlate(str(tmp_path), path, nulls=40, by_gene=True, progress=False)
-    slow = correlate(str(tmp_path), path, nulls=40, by_gene=True, progress=False, voxel_major=False)
+    fast = correlate(str(tmp_path / "cube.zarr"), path, nulls=40, by_gene=True, progress=False)
+    slow = correlate(str(tmp_path / "cube.zarr"), path, nulls=40, by_gene=True, progress=False, voxel_major=False)
     a, b = fast.experiments, slow.experiments
     assert a["experiment_id"].tolist() == b["experiment_id"].tolist()
     assert int(a["experiment_id"].iloc[0]) == ids[k]

@@ -73,7 +73,7 @@ def test_gene_table_reports_reproducibility_as_scipy_computes_it(gene_cube, tmp_
     folder, experiments, arrays = gene_cube
     mask = (arrays != -1).any(axis=0)
     volume = field(np.random.default_rng(9))
-    result = correlate(str(folder), save_map(volume, tmp_path / "m.nii"), nulls=150, by_gene=True, progress=False)
+    result = correlate(str(folder / "cube.zarr"), save_map(volume, tmp_path / "m.nii"), nulls=150, by_gene=True, progress=False)
     genes = result.genes.set_index("gene")
     assert list(result.genes.columns) == list(GENE_COLUMNS)
     assert list(GENE_COLUMNS)[:6] == ["gene", "r", "p_spatial", "q", "n_experiments", "experiment_ids"]
@@ -107,9 +107,9 @@ def test_local_and_cluster_give_identical_tables_with_tail_and_reproducibility(g
     folder, _, arrays = gene_cube
     planted = np.where((arrays != -1).any(axis=0), arrays[0] + 0.5 * field(np.random.default_rng(4)), 0.0)
     path = save_map(planted, tmp_path / "m.nii")
-    local = correlate(str(folder), path, nulls=150, by_gene=True, progress=False)
+    local = correlate(str(folder / "cube.zarr"), path, nulls=150, by_gene=True, progress=False)
     with local_cluster() as cluster:
-        remote = correlate(str(folder), path, nulls=150, by_gene=True, scheduler=cluster.scheduler_address,
+        remote = correlate(str(folder / "cube.zarr"), path, nulls=150, by_gene=True, scheduler=cluster.scheduler_address,
                            progress=False)
     assert (local.experiments["p_method"] == "gpd").any()
     assert local.experiments.equals(remote.experiments)

@@ -63,6 +63,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="the mirror folder holding cube.zarr (or the .zarr itself)")
     p.add_argument("--cube", metavar="URL", help="the cube itself when not {out}/cube.zarr: a folder or an "
                                                  "fsspec URL such as s3://bucket/cube.zarr")
+    p.add_argument("--at", metavar="VERSION", help="read the cube only if it is at this version (cube_version, "
+                                                   "named in every output's methods): rebuild a paper's table "
+                                                   "exactly, or stop (exit 2)")
     p.add_argument("--to", required=True, metavar="PATH",
                    help="output: .csv (MHTS layout), .parquet, .h5ad, .zarr; with --volume .mnc, .nii, .nii.gz")
     p.add_argument("--recipe", default="mhts", metavar="NAME|TOML", help="mhts (default) or a recipe file")
@@ -89,7 +92,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         logger = logging.getLogger("ambasync")
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     m = matrix(args.out, args.recipe, to=args.to, volume=args.volume, scheduler=args.scheduler,
-               cube=args.cube, memory=getattr(args, "memory", None), quiet=quiet, **overrides)
+               cube=args.cube, memory=getattr(args, "memory", None), quiet=quiet, at=args.at, **overrides)
     facts = m.attrs["ambasync"]
     if not quiet:
         print(f"wrote {facts['written']}: {facts['n_rows']} {m.index.name.lower()}s x {facts['n_columns']} "

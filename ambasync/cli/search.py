@@ -35,6 +35,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="the mirror folder holding cube.zarr (or the .zarr itself)")
     p.add_argument("--cube", metavar="URL", help="the cube itself when not {out}/cube.zarr: a folder or an "
                                                  "fsspec URL such as s3://bucket/cube.zarr")
+    p.add_argument("--at", metavar="VERSION", help="read the cube only if it is at this version (cube_version, "
+                                                   "named in every output's methods): rebuild a paper's table "
+                                                   "exactly, or stop (exit 2)")
     p.add_argument("--to", required=True, metavar="RESULTS.csv", help="the table to write (CSV)")
     p.add_argument("--mask", default=DEFAULT_MASK, metavar="NAME|PATH",
                    help="voxels to use: brain (default), coronal, sagittal (coverage >= 0.8) or an image's nonzero voxels")
@@ -81,7 +84,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                       seed=args.seed, by=args.by, target=args.target, contrast=args.contrast, plot=args.plot,
                       scheduler=args.scheduler, cube=args.cube, quiet=not progress,
                       tail=args.tail, align=args.align, target_above=args.target_above,
-                      contrast_at_most=args.contrast_at_most)
+                      contrast_at_most=args.contrast_at_most, at=args.at)
     if not progress:
         return 0
     for line in done.report:

@@ -50,7 +50,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     from aiohttp import web
 
-    from ambasync.cube.read import cube_location, mirror_folder
+    from ambasync.cube.read import resolve_cube
     from ambasync.errors import AnalysisError
     from ambasync.view.app import KEY, View, make_app
     from ambasync.view.coexpression import DEFAULT_BUDGET_MB
@@ -68,11 +68,11 @@ def cmd_view(args: argparse.Namespace) -> int:
     planes = tuple(p.strip() for p in args.seed_planes.split(",") if p.strip())
     if not planes or any(p not in ("coronal", "sagittal") for p in planes) or len(set(planes)) != len(planes):
         raise AnalysisError(f"--seed-planes {args.seed_planes}: coronal, sagittal or coronal,sagittal")
-    location = cube_location(args.cube or mirror_folder(args.out))
+    location = resolve_cube(args.out, args.cube)
     if "://" not in location and not os.path.isdir(location):  # before binding: open_cube's own message
         from ambasync.cube.read import open_cube
 
-        open_cube(location)
+        open_cube(cube=location)
 
     def open_view() -> View:
         return View(location, labels=args.labels, label_names=args.label_names, maps=args.maps,

@@ -44,6 +44,15 @@ def mirror_cube(cube: str | None) -> str | None:
     return load_config(None, {}).output.cube or None
 
 
+def resolve_cube(out: str | os.PathLike | None = None, cube: str | os.PathLike | None = None) -> str:
+    """The cube a command or the API reads, resolved once (as ``run`` resolves the one it writes):
+    ``cube`` (``--cube``) if given, else ``[output] cube`` from the config file or the environment,
+    else ``{out}/cube.zarr`` (``out``: ``--out``, else ``[output] out``). Everything below the
+    entry points takes this location as it is."""
+    return cube_location(mirror_folder(None if out is None else str(out)), mirror_cube(
+        None if cube is None else str(cube)))
+
+
 def cube_location(out: str | os.PathLike | None, cube: str | os.PathLike | None = None) -> str:
     """Where the cube is: ``cube`` (``--cube``: a folder or an fsspec URL) if given, else
     ``{out}/cube.zarr``; ``out`` may be a folder or an fsspec URL, or name the store itself."""
@@ -66,12 +75,13 @@ def _unusable(location: str, exc: BaseException) -> str:
     return f"cannot open the cube at {location} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
 
 
-def open_cube(out: str | os.PathLike | None, cube: str | os.PathLike | None = None,
+def open_cube(out: str | os.PathLike | None = None, cube: str | os.PathLike | None = None,
               at: str | None = None) -> xr.Dataset:
     """The cube as a lazy xarray Dataset (dask arrays; nothing is read until computed).
 
     ``cube``: where it is (``--cube``: a folder or any fsspec URL, e.g. ``s3://bucket/cube.zarr``,
-    reached with the standard environment); default ``{out}/cube.zarr``. ``at``: the version to
+    reached with the standard environment); default ``[output] cube``, else ``{out}/cube.zarr``
+    (:func:`resolve_cube`). ``at``: the version to
     read (``--at``; every cube names its own in ``ds.attrs["cube_version"]``): this storage keeps
     no snapshots, so only the current version can be read, and any other is refused in one line
     rather than silently read as the current one. Every failure is an :class:`AnalysisError`
@@ -80,7 +90,7 @@ def open_cube(out: str | os.PathLike | None, cube: str | os.PathLike | None = No
 
     from ambasync.cube.kv import is_remote, missing_package
 
-    location = cube_location(out, cube)
+    location = resolve_cube(out, cube)
     if is_remote(location):
         message = missing_package(location)
         if message:
@@ -118,22 +128,22 @@ def _plain_cube(location: str) -> xr.Dataset:
     return xr.open_zarr(location, chunks=None, consolidated=None)
 
 
-def read_experiments(out_or_location: str | os.PathLike, start: int, stop: int,
+def read_experiments(location: str | os.PathLike, start: int, stop: int,
                      variable: str = "expression") -> np.ndarray:
     """Experiments ``start:stop`` (storage positions) of the cube's ``variable`` as one array,
-    read in one call: zarr then fetches all their chunks at once. Reading them through the dask
+    read in one call: zarr then fetches all their chunks at once (``location``: the store,
+    as :func:`resolve_cube` gives it). Reading them through the dask
     array instead costs a task and a synchronous read per stored chunk, which doubled the time of
     a cube stored one experiment per chunk. Check the cube with :func:`open_cube` first."""
-    return np.asarray(_plain_cube(cube_location(out_or_location))[variable]
-                      .isel(experiment=slice(start, stop)).values)
+    return np.asarray(_plain_cube(str(location))[variable].isel(experiment=slice(start, stop)).values)
 
 
-def read_voxels(out_or_location: str | os.PathLike, where: tuple[slice, slice, slice], start: int, stop: int,
+def read_voxels(location: str | os.PathLike, where: tuple[slice, slice, slice], start: int, stop: int,
                 variable: str = "expression_by_voxel") -> np.ndarray:
     """A box of voxels ``where`` (zspace, yspace, xspace slices) of experiments ``start:stop`` from
     the cube's voxel-major copy, as one (z, y, x, experiment) array read in one call."""
     z, y, x = where
-    return np.asarray(_plain_cube(cube_location(out_or_location))[variable]
+    return np.asarray(_plain_cube(str(location))[variable]
                       .isel(zspace=z, yspace=y, xspace=x, experiment=slice(start, stop)).values)
 
 

@@ -104,7 +104,7 @@ class CubeData:
         import ambasync
         from ambasync.cube.read import cube_geometry
 
-        self.ds = ambasync.open_cube(self.location)
+        self.ds = ambasync.open_cube(cube=self.location)
         self.geometry = cube_geometry(self.ds)
         self.shape = tuple(int(self.ds.sizes[d]) for d in DIMNAMES)
         self.coords = {d: np.asarray(self.ds[d].values, dtype=float) for d in DIMNAMES}

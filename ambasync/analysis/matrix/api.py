@@ -31,7 +31,7 @@ def matrix(out: str | os.PathLike | None = None, recipe: str = DEFAULT_RECIPE, *
            label_table: str | None = None, region_means: bool | None = None,
            to: str | os.PathLike | None = None, volume: str | None = None,
            scheduler: str | None = None, cube: str | None = None, memory: str | int | None = None,
-           quiet: bool = True, as_anndata: bool = False) -> Any:
+           quiet: bool = True, as_anndata: bool = False, at: str | None = None) -> Any:
     """Build a gene-by-voxel (or gene-by-region) matrix from the cube.
 
     Every keyword is the command line flag of the same name (``--knn-neighbors`` is
@@ -69,6 +69,11 @@ mirror_hemisphere, homologs, labels, label_table, region_means
     as_anndata : bool, default False
         Return an ``anndata.AnnData`` (``obs``: catalogue columns; ``var``: voxel
         coordinates or region sizes; ``uns``: recipe and facts) instead of a DataFrame.
+    at : str, optional
+        The cube version to read (``--at``; ``cube_version`` in every output's methods and in
+        ``ambasync status``): a cube at another version raises
+        :class:`ambasync.errors.AnalysisError` before any work (this storage keeps no snapshots,
+        so an older matrix is rebuilt from a copy of the cube kept at that version).
 
     Returns
     -------
@@ -97,7 +102,7 @@ mirror_hemisphere, homologs, labels, label_table, region_means
         write_matrix,
         write_row_image,
     )
-    from ambasync.cube.read import mirror_folder
+    from ambasync.cube.read import open_cube, resolve_cube
     from ambasync.errors import AnalysisError
 
     overrides = {k: v for k, v in dict(
@@ -114,7 +119,9 @@ mirror_hemisphere, homologs, labels, label_table, region_means
         output_kind(str(to), volume)
         if not Path(to).parent.is_dir():  # before the build, which can take long
             raise AnalysisError(f"--to {to}: folder {Path(to).parent} does not exist")
-    location = cube or mirror_folder(None if out is None else str(out))
+    location = resolve_cube(out, cube)
+    if at is not None:
+        open_cube(cube=location, at=at)  # another version: one line, before any work
     built = build_matrix(location, rec, scheduler=scheduler, progress=not quiet, **_extra(memory=memory))
     facts = dict(built.facts)
     if to is not None:

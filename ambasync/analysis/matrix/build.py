@@ -66,9 +66,9 @@ class Matrix:
 
 
 
-def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progress: bool = True,
+def build_matrix(location: str, recipe: Recipe, scheduler: str | None = None, progress: bool = True,
                  memory: str | int | None = None) -> Matrix:
-    """Every step of ``recipe`` on the cube in ``out``: the gene (or experiment) × voxel matrix,
+    """Every step of ``recipe`` on the cube at ``location`` (:func:`ambasync.cube.read.resolve_cube`): the gene (or experiment) × voxel matrix,
     or × region when the recipe names labels.
 
     ``memory`` is the budget (bytes or text such as ``"4GB"``; default ``[analysis] memory``,
@@ -79,15 +79,15 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
 
     from ambasync.analysis.cluster import compute_on
     from ambasync.analysis.masks import resolve_mask
-    from ambasync.cube.read import cube_geometry, cube_location, cube_version, open_cube
+    from ambasync.cube.read import cube_geometry, cube_version, open_cube
     from ambasync.geometry import affine
     from ambasync.progress import Progress
 
     budget, budget_source = resolve_budget(memory)
     check_mask_for_plane(recipe)
-    ds = open_cube(out)
+    ds = open_cube(cube=location)
     if recipe.variable not in ds:
-        raise AnalysisError(f"the cube at {cube_location(out)} has no {recipe.variable} variable (mirror it with "
+        raise AnalysisError(f"the cube at {location} has no {recipe.variable} variable (mirror it with "
                             f"`run --volumes`), or use --variable expression")
     catalogue = read_catalogue(ds)
     sel = select_experiments(catalogue["experiment_id"].to_numpy(), catalogue["gene"].to_numpy(),
@@ -132,7 +132,7 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
             return x
 
         for rows, x in read_blocks(ds[recipe.variable].data, sel, mask_flat, mirror_axis, digest, progress,
-                                   plan.read_block, location=cube_location(out) if client is None else None,
+                                   plan.read_block, location=location if client is None else None,
                                    variable=recipe.variable, transform=transform):
             block, block_keys = combine_block(x, sel.genes[rows], sel.planes[rows], recipe)
             del x
@@ -199,7 +199,7 @@ def build_matrix(out: str, recipe: Recipe, scheduler: str | None = None, progres
                            index=pd.Index(list(regions), name="region"))
         columns = regions
     facts = {
-        "cube": cube_location(out), "cube_version": cube_version(ds), "cube_hash": digest.hexdigest(), "ambasync_version": __version__,
+        "cube": location, "cube_version": cube_version(ds), "cube_hash": digest.hexdigest(), "ambasync_version": __version__,
         "n_experiments": int(sel.ids.size), "n_rows_grouped": int(grouped), "n_rows": int(values.shape[0]),
         "n_voxels": n_vox, "n_columns": int(values.shape[1]),
         "columns": "regions" if var.index.name == "region" else "voxels", "n_region_voxels": n_region_voxels,

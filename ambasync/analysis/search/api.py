@@ -46,7 +46,7 @@ def _cube_version(location: str) -> str:
     """The version of the cube a search read, for its methods paragraph (a paper's table names it)."""
     from ambasync.cube.read import cube_version, open_cube
 
-    return cube_version(open_cube(location))
+    return cube_version(open_cube(cube=location))
 
 
 def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.ndarray | None = None, *,
@@ -56,12 +56,13 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
                contrast: str | os.PathLike | np.ndarray | None = None,
                plot: str | os.PathLike | None = None, scheduler: str | None = None, cube: str | None = None,
                quiet: bool = True, tail: str = DEFAULT_TAIL, align: str | None = None,
-               target_above: float | None = None, contrast_at_most: float | None = None) -> Searched:
+               target_above: float | None = None, contrast_at_most: float | None = None,
+               at: str | None = None) -> Searched:
     """Every table and file of one search; see :func:`search` for the parameters."""
     from ambasync.analysis.search.correlate import correlate, fold_change
     from ambasync.analysis.search.plot import plot_result
     from ambasync.analysis.search.tables import genes_path, write_table
-    from ambasync.cube.read import mirror_folder
+    from ambasync.cube.read import open_cube, resolve_cube
     from ambasync.errors import AnalysisError
 
     if method not in METHODS:
@@ -76,7 +77,9 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
         raise AnalysisError(f"--plot {plot}: the picture is written as PNG; give a name ending in .png")
     if to is not None and not Path(to).parent.is_dir():  # before the work, which can take long
         raise AnalysisError(f"{to}: the folder {Path(to).parent} does not exist")
-    location = cube or mirror_folder(None if out is None else str(out))
+    location = resolve_cube(out, cube)
+    if at is not None:
+        open_cube(cube=location, at=at)  # another version: one line, before any work
     progress = not quiet
     if target is not None:
         if map is not None:
@@ -147,7 +150,8 @@ def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.nda
            contrast: str | os.PathLike | np.ndarray | None = None,
            plot: str | os.PathLike | None = None, scheduler: str | None = None, cube: str | None = None,
            quiet: bool = True, tail: str = DEFAULT_TAIL, align: str | None = None,
-           target_above: float | None = None, contrast_at_most: float | None = None) -> pd.DataFrame:
+           target_above: float | None = None, contrast_at_most: float | None = None,
+           at: str | None = None) -> pd.DataFrame:
     """Which experiments (or genes) of the cube are expressed like a map, or enriched in a region.
 
     Every keyword is the command line flag of the same name, with the same default.
@@ -205,6 +209,11 @@ def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.nda
         Where the cube lives when not ``{out}/cube.zarr``: a folder or an fsspec URL.
     quiet : bool, default True
         No progress bars.
+    at : str, optional
+        The cube version to read (``--at``; ``cube_version`` in every output's methods and in
+        ``ambasync status``): a cube at another version raises
+        :class:`ambasync.errors.AnalysisError` before any work (this storage keeps no snapshots,
+        so an older matrix is rebuilt from a copy of the cube kept at that version).
 
     Returns
     -------
@@ -228,14 +237,15 @@ def search(out: str | os.PathLike | None = None, map: str | os.PathLike | np.nda
     """
     done = run_search(out, map, to=to, mask=mask, method=method, nulls=nulls, seed=seed, by=by, target=target,
                       contrast=contrast, plot=plot, scheduler=scheduler, cube=cube, quiet=quiet, tail=tail,
-                      align=align, target_above=target_above, contrast_at_most=contrast_at_most)
+                      align=align, target_above=target_above, contrast_at_most=contrast_at_most, at=at)
     return done.genes if by == "gene" and done.genes is not None else done.experiments
 
 
 def fold_change(out: str | os.PathLike | None = None, target: Any = None, contrast: Any = None, *,
                 mask: str = DEFAULT_MASK, to: str | os.PathLike | None = None, scheduler: str | None = None,
                 cube: str | None = None, quiet: bool = True, target_above: float | None = None,
-                contrast_at_most: float | None = None, align: str | None = None) -> pd.DataFrame:
+                contrast_at_most: float | None = None, align: str | None = None,
+                at: str | None = None) -> pd.DataFrame:
     """Differential mode of :func:`search` (``search --target``): experiments ranked by the log2
     fold change of their mean expression in ``target`` over ``contrast``.
 
@@ -252,7 +262,7 @@ def fold_change(out: str | os.PathLike | None = None, target: Any = None, contra
         minus target), or with ``contrast_at_most`` alone the target image's voxels <= it.
     target_above, contrast_at_most : float, optional
         Thresholds of a statistic map, as MICe labs use (e.g. target t > 2, contrast t <= 0.5).
-    mask, to, scheduler, cube, quiet, align
+    mask, to, scheduler, cube, quiet, align, at
         As for :func:`search`.
 
     Returns
@@ -269,7 +279,7 @@ def fold_change(out: str | os.PathLike | None = None, target: Any = None, contra
         raise AnalysisError("fold_change needs target= (an image or an array on the cube's grid)")
     return run_search(out, None, to=to, mask=mask, target=target, contrast=contrast, scheduler=scheduler,
                       cube=cube, quiet=quiet, target_above=target_above, contrast_at_most=contrast_at_most,
-                      align=align).experiments
+                      align=align, at=at).experiments
 
 
 __all__ = ["Searched", "fold_change", "run_search", "search"]

@@ -199,11 +199,11 @@ def _has_voxel_major(ds: xr.Dataset) -> bool:
     return tuple(var.dims) == (*ds["expression"].dims[1:], "experiment") and var.shape[-1] == ds.sizes["experiment"]
 
 
-def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "pearson",
+def correlate(location: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "pearson",
               nulls: int = DEFAULT_NULLS, seed: int = DEFAULT_SEED, by_gene: bool = False,
               scheduler: str | None = None, progress: bool = True, voxel_major: bool = True, *,
               tail: str = DEFAULT_TAIL, align: str | None = None) -> SearchResult:
-    """Score every experiment of the cube at ``out`` against the map at ``map_path``.
+    """Score every experiment of the cube at ``location`` against the map at ``map_path``.
 
     ``nulls`` null maps (:func:`ambasync.analysis.search.nulls.phase_randomised`, seeded by ``seed``) give
     each experiment's two-sided ``p_spatial``; ``q`` is Benjamini-Hochberg over experiments
@@ -228,7 +228,7 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
         spatial_pvalues,
         voxel_design,
     )
-    from ambasync.cube.read import cube_location, open_cube
+    from ambasync.cube.read import open_cube
 
     if method not in METHODS:
         raise _error(f"--method {method!r}: use one of {', '.join(METHODS)}")
@@ -238,7 +238,7 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
         raise _error(f"--tail {tail!r}: use one of {', '.join(TAILS)}")
     if align not in (None, *ALIGN):
         raise _error(f"--align {align!r}: use one of {', '.join(ALIGN)}")
-    ds = open_cube(out)
+    ds = open_cube(cube=location)
     values = map_on_cube(map_path, ds, align)
     report: list[str] = []
     voxels_mask = search_mask(values, mask, ds, map_path if isinstance(map_path, str) else "the map array", align,
@@ -254,7 +254,6 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
             k = min(NULLS_PER_TASK, nulls - i * NULLS_PER_TASK)
             batches.append(dask.delayed(phase_randomised, pure=True)(filled, voxels_mask, k, child,
                                                                      spectrum=spectrum))
-    location = cube_location(out)
     what = f"scoring {ds.sizes['experiment']} experiments against the map and {nulls} nulls"
     if voxel_major and method == "pearson" and _has_voxel_major(ds):
         by_voxel = ds[BY_VOXEL]
@@ -309,7 +308,7 @@ def correlate(out: str, map_path: str, mask: str = DEFAULT_MASK, method: str = "
 # Differential mode
 # --------------------------------------------------------------------------------------------
 
-def fold_change(out: str, target: str | np.ndarray, contrast: str | np.ndarray | None = None,
+def fold_change(location: str, target: str | np.ndarray, contrast: str | np.ndarray | None = None,
                 mask: str = DEFAULT_MASK, scheduler: str | None = None, progress: bool = True, *,
                 target_above: float | None = None, contrast_at_most: float | None = None, align: str | None = None,
                 report: list[str] | None = None) -> pd.DataFrame:
@@ -329,11 +328,11 @@ def fold_change(out: str, target: str | np.ndarray, contrast: str | np.ndarray |
 
     from ambasync.analysis.masks import resolve_mask
     from ambasync.analysis.search.stats import log2_fold
-    from ambasync.cube.read import cube_location, open_cube
+    from ambasync.cube.read import open_cube
 
     if align not in (None, *ALIGN):
         raise _error(f"--align {align!r}: use one of {', '.join(ALIGN)}")
-    ds = open_cube(out)
+    ds = open_cube(cube=location)
     within = resolve_mask(mask, ds, resample=True, align=align)
     region = roi_on_cube(target, ds, align, above=target_above, flag="--target")
     target_mask = region & within
@@ -367,7 +366,6 @@ def fold_change(out: str, target: str | np.ndarray, contrast: str | np.ndarray |
     voxels = dask.delayed(np.flatnonzero(both.ravel()))
     regions = dask.delayed((target_mask[both], contrast_mask[both]))
     blocks = experiment_blocks(ds["expression"])
-    location = cube_location(out)
     parts = compute_tasks(lambda _: [dask.delayed(means_block, pure=True)(location, b, voxels, regions)
                                      for b in blocks],
                           scheduler,

@@ -87,12 +87,12 @@ def render(path: Path, map_values: np.ndarray, mask: np.ndarray, volumes: list[n
     return Path(path)
 
 
-def plot_result(result: SearchResult, out: str, path: str | Path, map_name: str) -> Path:
+def plot_result(result: SearchResult, location: str, path: str | Path, map_name: str) -> Path:
     """``--plot``: the map's orthogonal slices beside the top experiments', and the top bars."""
     from ambasync.cube.read import open_cube
 
     top = result.experiments.dropna(subset=["r"]).head(TOP_PLOTTED)
-    ds = open_cube(out)
+    ds = open_cube(cube=location)
     volumes = [np.asarray(ds["expression"].sel(experiment=int(i)).values, dtype=np.float64)
                for i in top["experiment_id"]]
     return render(Path(path), result.map_values, result.mask, volumes,
