@@ -105,8 +105,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def shots():
-    folder = Path(tempfile.mkdtemp(prefix="ambasync-view-screenshots-"))
+def shots(tmp_path_factory):
+    """Screenshots of each step, for a person to look at when a test fails (pytest keeps the last
+    three sessions' temporary folders and removes older ones)."""
+    folder = tmp_path_factory.mktemp("screenshots")
     print(f"\nscreenshots: {folder}")
     return folder
 
