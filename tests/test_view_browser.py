@@ -14,7 +14,6 @@ import shutil
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
