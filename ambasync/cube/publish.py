@@ -165,7 +165,7 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
             slab = None
             if slab_buffer is not None and z0 is not None:
                 slab = slab_buffer[:, :z1 - zlo]
-                slab.fill(FILL)
+            slab_rows = np.zeros(settings.block, dtype=bool)  # rows of the slab given values (the rest: -1)
             for i in range(n_inner):
                 group = [row[:3] for row in rows[i * per:(i + 1) * per]]
                 ids = [row[3] for row in rows[i * per:(i + 1) * per]]
@@ -187,10 +187,9 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
                         bad.extend(ids[j] for j, (_, plane, source) in enumerate(group)
                                    if source is None and plane is not None and ids[j] not in bad)
                     reuse = reuse and old is not None
-                vols = None
-                if part == 0 and not reuse:
-                    vols = vols_buffer
-                    vols.fill(FILL)
+                vols = vols_buffer if part == 0 and not reuse else None
+                vols_rows = np.zeros(per, dtype=bool)  # rows of vols given values (the rest: -1)
+                has_data = False  # some value of the inner chunk is not -1 (else it is not stored)
                 for j, (slot, plane, source) in enumerate(group):
                     if plane is None:
                         continue
@@ -209,16 +208,23 @@ def rebuild_block(location: str, settings: CubeSettings, b: int, rows: list[tupl
                             continue
                     if vols is not None:
                         vols[j] = values
+                        vols_rows[j] = True
                     if slab is not None:
                         slab[i * per + j] = values[zlo:z1]
-                    if main and part == 0:  # counted once, over the whole volume
-                        np.add(counts[plane], values != FILL, out=counts[plane], casting="unsafe")
+                        slab_rows[i * per + j] = True
+                    if part == 0:
+                        with_data = values != FILL
+                        if main:  # counted once, over the whole volume
+                            np.add(counts[plane], with_data, out=counts[plane], casting="unsafe")
+                        has_data = has_data or bool(with_data.any())
                 if part == 0:
                     if reuse:
                         new_chunks.add(i, old_chunks[i])
-                    elif vols is not None and (vols != FILL).any():
+                    elif vols is not None and has_data:
+                        vols[~vols_rows] = FILL
                         new_chunks.add(i, layout.blosc(settings.codec).encode(vols))
             if slab is not None:
+                slab[~slab_rows] = FILL
                 # voxels some experiment of the block has data at: counted over whole volumes in part 0
                 has_data = (counts[PLANES[0]] + counts[PLANES[1]])[zlo:z1] > 0
                 for zs in range(0, z1 - zlo, settings.zshard):
