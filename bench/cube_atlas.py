@@ -12,7 +12,8 @@ the process tree, CPU seconds):
   empty folder against one replica (``--variants`` distinct grids, prebuilt, so the replica's
   own cost is the same for both); the cost is their wall-time ratio;
 - the store's size against the zips downloaded (the run's own ``bytes_downloaded``);
-- reads from fresh processes (``python -m bench.cube _read``): one volume after a plain
+- reads from fresh processes (``python -m bench.cube _read``, five processes each, the median reported
+  with all five beside it): one volume after a plain
   ``xr.open_zarr(path)``, one voxel across every experiment, a full Pearson scan;
 - S3: a cube of ``--s3-experiments`` built from the replica's zips into moto's server on
   127.0.0.1 and on local disk (the same build), the same reads from each; the ratios.
@@ -51,7 +52,13 @@ def _downloaded(out: Path) -> int:
     return int(json.loads(report.read_text())["bytes_downloaded"])
 
 
+REPEATS = 5  # fresh processes per read: a full garbage collection (~70 ms with xarray, dask and
+# distributed imported) lands in some of them and not in others, so one process is not a figure
+
+
 def _reads(store: str, kinds: tuple[str, ...], env: dict | None = None) -> dict:
+    """Each read from ``REPEATS`` fresh processes (one for the scan): the median process (by its
+    open + read time) with every process's open + read beside it."""
     from bench.cube import _run_child
 
     out = {}
@@ -59,11 +66,62 @@ def _reads(store: str, kinds: tuple[str, ...], env: dict | None = None) -> dict:
     os.environ.update(env or {})
     try:
         for kind in kinds:
-            out[kind] = _run_child(kind, ["_read", kind, store])
+            runs = [_run_child(kind, ["_read", kind, store]) for _ in range(1 if kind == "scan" else REPEATS)]
+            runs.sort(key=lambda r: r["child"]["wall_s"])
+            median = runs[len(runs) // 2]
+            out[kind] = {**median, "all_open_read_ms": [round(r["child"]["wall_s"] * 1e3) for r in runs]}
     finally:
         os.environ.clear()
         os.environ.update(saved)
     return out
+
+
+def moto_floor(store: str, env: dict) -> dict:
+    """What the S3 server itself costs for the requests a read makes, without zarr, xarray or
+    botocore's start-up: one small GET (the root metadata) and ranged GETs of a few KB from the
+    end of a volume-major and of a voxel-major shard (their index; the chunk read after it costs
+    the same on moto, which reads the whole object for every range). Timed in this process with
+    one warm client, median of 10."""
+    import statistics
+
+    import boto3
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        bucket, _, prefix = store[len("s3://"):].partition("/")
+        s3 = boto3.client("s3")
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", [])]
+
+        def first(infix: str) -> tuple[str, int]:
+            key = sorted(k for k in keys if infix in k)[0]
+            return key, s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+
+        def median_ms(**kwargs) -> float:
+            times = []
+            for _ in range(10):
+                t = time.perf_counter()
+                s3.get_object(Bucket=bucket, **kwargs)["Body"].read()
+                times.append(time.perf_counter() - t)
+            return round(statistics.median(times) * 1e3, 1)
+
+        out = {"root_get_ms": median_ms(Key=f"{prefix}/zarr.json")}
+        # what any fsspec reader pays first, in a fresh process: s3fs's client (botocore loads its
+        # service model and credentials) and one small GET, after the imports
+        probe = ("import json, time, s3fs; t = time.perf_counter(); "
+                 f"s3fs.S3FileSystem().cat({store + '/zarr.json'!r}); print(time.perf_counter() - t)")
+        starts = [float(subprocess.run([PY, "-c", probe], capture_output=True, text=True, check=True).stdout)
+                  for _ in range(3)]
+        out["fresh_s3fs_client_and_first_get_ms"] = round(statistics.median(starts) * 1e3, 1)
+        for name, infix in (("volume_major", "/expression/c/"), ("voxel_major", "/expression_by_voxel/c/")):
+            key, size = first(infix)
+            out[f"{name}_shard_mb"] = round(size / 2**20, 1)
+            out[f"{name}_range_get_ms"] = median_ms(Key=key, Range=f"bytes={size - 4096}-{size - 1}")
+        return out
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _free_port() -> int:
@@ -106,12 +164,13 @@ def s3_ratios(work: Path, n: int, variants: int) -> dict:
         kinds = ("volume", "profile", "scan")
         local_reads = _reads(str(local), kinds)
         s3_reads = _reads(url, kinds, env)
+        floor = moto_floor(url, env)
     finally:
         server.terminate()
         server.wait(timeout=30)
     ratios = {k: round(s3_reads[k]["child"]["wall_s"] / local_reads[k]["child"]["wall_s"], 2) for k in kinds}
     return {"experiments": n, "builds_s": builds, "local": local_reads, "s3": s3_reads,
-            "s3 / local (wall of open + read)": ratios}
+            "s3 / local (wall of open + read)": ratios, "moto_floor": floor}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,11 +250,15 @@ def _print(report: dict) -> None:
         c = report["reads"][kind]["child"]
         print(f"  {kind:<11} open_zarr {c['open_s'] * 1e3:7.0f} ms + read {c['read_s'] * 1e3:8.0f} ms"
               + (f"  (target <= {target * 1e3:.0f} ms for the read)" if target else "")
-              + f"  peak RSS {report['reads'][kind]['peak_rss_mb']:.0f} MB")
+              + f"  peak RSS {report['reads'][kind]['peak_rss_mb']:.0f} MB"
+              + f"  (open + read of each process, ms: {report['reads'][kind]['all_open_read_ms']})")
     if "s3" in report:
         s3 = report["s3"]
         print(f"  S3 (moto on 127.0.0.1), {s3['experiments']} experiments: s3 / local {s3['s3 / local (wall of open + read)']} "
               f"(target <= 3); builds {s3['builds_s']}")
+        for kind in ("volume", "profile", "scan"):
+            print(f"    {kind:<8} local {s3['local'][kind]['all_open_read_ms']} ms, s3 {s3['s3'][kind]['all_open_read_ms']} ms")
+        print(f"    the server's own cost (warm client, no zarr): {s3['moto_floor']}")
 
 
 if __name__ == "__main__":
