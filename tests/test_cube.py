@@ -292,32 +292,35 @@ def test_a_cube_written_with_other_settings_is_refused_or_replaced_with_force(tm
     assert np.array_equal(bits(ds.expression.sel(experiment=sources[0].experiment_id).values), bits(raw))
 
 
-def test_a_cube_made_with_the_previous_codec_stays_writable_and_keeps_it(tmp_path):
-    """A lab's cube made before the codec's 1 MiB blocks is not refused (no --force, no rebuild of
-    16 GB): the next night adds to it with the codec it was made with; a new cube gets the new
-    codec, and is smaller for the same grids."""
+def test_a_cube_made_with_previous_tuning_stays_writable_and_keeps_it(tmp_path):
+    """A lab's cube made before the codec's 1 MiB blocks and the inner chunks of 16 is not refused
+    (no --force, no rebuild of 16 GB): the next night adds to it with the codec and chunks it was
+    made with; a new cube gets the new ones, and is smaller for the same grids."""
     import zarr
 
     from ambasync.cube import Codec
 
     sources = replica_sources(tmp_path / "zips", 12)
-    old_settings = CubeSettings(block=8, by_voxel_chunk=(16, 32, 32), codec=Codec("zstd", 1, "shuffle"))
+    before = CubeSettings(block=16, by_voxel_chunk=(16, 32, 32), codec=Codec("zstd", 1, "shuffle"), volume_chunk=8)
+    now = CubeSettings(block=16, by_voxel_chunk=(16, 32, 32))
     old, new = tmp_path / "old" / "cube.zarr", tmp_path / "new" / "cube.zarr"
-    build_from_zips(old, old_settings, sources[:8], workers=1, quiet=True)
-    build_from_zips(old, SETTINGS, sources[8:], workers=1, quiet=True)  # tonight's version: not refused
-    build_from_zips(new, SETTINGS, sources, workers=1, quiet=True)
+    build_from_zips(old, before, sources[:8], workers=1, quiet=True)
+    build_from_zips(old, now, sources[8:], workers=1, quiet=True)  # tonight's version: not refused
+    build_from_zips(new, now, sources, workers=1, quiet=True)
 
     def blosc_config(store):
         inner = json.loads((store / "expression" / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
         return next(c["configuration"] for c in inner if c["name"] == "blosc")
 
     assert blosc_config(old)["blocksize"] == 0 and blosc_config(new)["blocksize"] == 1 << 20
-    assert "blocksize" not in json.loads((old / ".ambasync" / "settings.json").read_text())["codec"]
+    assert zarr.open_array(str(old / "expression")).chunks[0] == 8
+    assert zarr.open_array(str(new / "expression")).chunks[0] == 16
+    recorded = json.loads((old / ".ambasync" / "settings.json").read_text())
+    assert "blocksize" not in recorded["codec"] and recorded["volume_chunk"] == 8
     for store in (old, new):
         assert_exact(xr.open_zarr(store), sources)
     shard_bytes = [sum(f.stat().st_size for f in (s / "expression" / "c").rglob("*") if f.is_file()) for s in (old, new)]
     assert shard_bytes[1] < shard_bytes[0]
-    assert zarr.open_array(str(new / "expression")).shape[0] == 12
 
 
 def test_a_bad_zip_fails_that_experiment_only(tmp_path):

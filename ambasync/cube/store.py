@@ -262,7 +262,7 @@ class Cube:
         moved: Path | None = None
         if path.exists() or path.is_symlink():
             recorded = recorded_settings(path) if path.is_dir() else None
-            settings = layout.with_recorded_codecs(settings, recorded)
+            settings = layout.with_recorded_tuning(settings, recorded)
             if recorded is None:
                 moved = set_aside(path, "damaged", now)
             elif recorded != settings.identity():
@@ -295,7 +295,7 @@ class Cube:
                                                 "it or choose another --cube")
                     _make_arrays(location, settings)  # nothing there (or our own creation, killed): make it
                     recorded = recorded_settings(kv)
-        settings = layout.with_recorded_codecs(settings, recorded)
+        settings = layout.with_recorded_tuning(settings, recorded)
         if recorded != settings.identity():
             raise CubeSettingsError(
                 f"{location} was written with {_describe(recorded)}, not {_describe(settings.identity())}: "
