@@ -210,9 +210,9 @@ def child(store: Path | str, sources: list[ZipSource], writer: str, stage: str |
 
 
 def members_on_disk(store: Path) -> int:
-    """Experiments staged by the workers so far (store layout 2: staged/{id}/{volume})."""
+    """Experiments staged by the workers so far (staged/{id}.{volume})."""
     staged = store / ".ambasync" / "staged"
-    return sum(1 for _ in staged.glob("*/energy")) if staged.is_dir() else 0
+    return sum(1 for _ in staged.glob("*.energy")) if staged.is_dir() else 0
 
 
 @pytest.mark.parametrize("moment", ["writing", "publishing"])
@@ -321,6 +321,19 @@ def test_a_cube_made_with_previous_tuning_stays_writable_and_keeps_it(tmp_path):
         assert_exact(xr.open_zarr(store), sources)
     shard_bytes = [sum(f.stat().st_size for f in (s / "expression" / "c").rglob("*") if f.is_file()) for s in (old, new)]
     assert shard_bytes[1] < shard_bytes[0]
+
+
+def test_a_publish_leaves_nothing_staged_behind_not_even_folders(tmp_path):
+    """The store's own records stay small: after a publish no staged grid is left, nor the empty
+    per-experiment folders older versions left behind (26,078 of them after an atlas build)."""
+    store = tmp_path / "cube.zarr"
+    sources = replica_sources(tmp_path / "zips", 6)
+    build_from_zips(store, SETTINGS, sources[:3], workers=1, quiet=True)
+    staged = store / ".ambasync" / "staged"
+    (staged / "123456").mkdir(parents=True)  # what a publish of an older version left
+    build_from_zips(store, SETTINGS, sources[3:], workers=1, quiet=True)
+    assert not staged.exists() or sorted(staged.iterdir()) == []
+    assert_exact(xr.open_zarr(store), sources)
 
 
 def test_a_bad_zip_fails_that_experiment_only(tmp_path):

@@ -16,7 +16,7 @@ Every other cube module takes its names and numbers from here, so the contract
   than zstd, for scans.
 - Both are written only by the publisher, one block (``block`` slots) at a time and only for
   blocks whose members changed; conversion workers write each experiment's grid once, as a staged
-  object (``staged/{experiment}/{volume}``, blosc lz4: cheap to write and to read back).
+  object (``staged/{experiment}.{volume}``, blosc lz4: cheap to write and to read back).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ SETTINGS_KEY = f"{META}/settings.json"
 MEMBERS_KEY = f"{META}/members.json.gz"  # the published member table (written by the publisher only)
 INTENT_KEY = f"{META}/publishing.json"  # blocks a publish is rewriting (a killed one's are redone)
 LEASE_KEY = f"{META}/publish.lease"
-STAGED = f"{META}/staged"  # staged/{experiment}/{volume}: a converted grid waiting for the publish
+STAGED = f"{META}/staged"  # staged/{experiment}.{volume}: a converted grid waiting for the publish
 RECORDS = f"{META}/records"  # records/{name}.json: a writer's batch of members added or removed
 BLOCKS = f"{META}/blocks"  # blocks/{block}.npz: per-plane counts of experiments with data
 
@@ -193,7 +193,16 @@ def by_voxel_shard_shape(settings: CubeSettings) -> tuple[int, int, int, int]:
 
 
 def staged_key(experiment_id: int, volume: str) -> str:
-    return f"{STAGED}/{experiment_id}/{volume}"
+    """One flat folder: a folder per experiment cost a mkdir in every conversion, and the deletes
+    after a publish left the 26,078 empty folders behind."""
+    return f"{STAGED}/{experiment_id}.{volume}"
+
+
+def staged_experiment(key: str) -> int | None:
+    """The experiment a staged object holds, from its key (``staged/{id}.{volume}``, or the
+    ``staged/{id}/{volume}`` of stores written before); None for anything else."""
+    head = key[len(STAGED) + 1:].split("/")[0].split(".")[0] if key.startswith(STAGED + "/") else ""
+    return int(head) if head.isdigit() else None
 
 
 def block_of(slot: int, block: int) -> int:

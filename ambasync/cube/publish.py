@@ -100,7 +100,7 @@ def plan(settings: CubeSettings, old: Mapping[int, Member], records: list[tuple[
     n_blocks = math.ceil(n / settings.block)
     blocks = sorted(b for b in changed | set(redo_blocks) if b < n_blocks)
     used = {layout.staged_key(eid, v) for eid in sources.values() for v in settings.volumes}
-    obsolete = [key for key in staged if key in used or int(key.split("/")[-2]) in changes]
+    obsolete = [key for key in staged if key in used or layout.staged_experiment(key) in changes]
     return Plan(new, sources, blocks, [name for name, _ in records], sorted(set(obsolete)), n)
 
 

@@ -12,7 +12,7 @@ object store), with no lock service:
   its writer ever writes, made after the grids it names are staged, so a record never points at
   data that is not there; the run writes them from a thread, a batch every few hundred
   experiments or seconds, never once per experiment in the event loop.
-- ``staged/{experiment}/{volume}``: a converted grid waiting for the publish (the worker's).
+- ``staged/{experiment}.{volume}``: a converted grid waiting for the publish (the worker's).
 - ``publish.lease``: held while a writer publishes (created only if absent: ``link(2)`` on a disk,
   ``If-None-Match: *`` on S3).
 

@@ -4,7 +4,7 @@ converted, remove experiments, publish, summarise. The store is a folder or any 
 
 Who writes what (so that no two writers ever write the same object, on one machine or several):
 
-- conversion workers stage each experiment's grids (``staged/{id}/{volume}``, one object per
+- conversion workers stage each experiment's grids (``staged/{id}.{volume}``, one object per
   experiment and volume: shards of the catalogue never share an experiment) under the stage
   folder: the store itself when it is a folder, else the run's local stage, uploaded by
   :meth:`Cube.publish` before it publishes;
@@ -19,6 +19,7 @@ chunk size, and the consolidated metadata (the root ``zarr.json``) is written la
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -473,9 +474,22 @@ class Cube:
                             *(layout.by_voxel_shard_key(z, b) for z in range(_z_shards(settings)))])
         orphans = [k for k, t in staged.items() if time.time() - t > ORPHAN_SECONDS]
         kv.delete_many(sorted(set(p.staged) | set(orphans)))
+        _sweep_staged_folders(kv)
         kv.delete_many(p.applied)
         kv.delete(INTENT_KEY)
         return PublishResult(True, len(members), n - len(members), len(p.blocks), version)
+
+
+def _sweep_staged_folders(kv: KV) -> None:
+    """Remove the empty per-experiment folders under ``staged/`` that stores written before the
+    flat staged keys kept after every publish (a folder still holding a grid is left)."""
+    if not isinstance(kv, LocalKV):
+        return  # an object store has no folders
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(kv.root / STAGED) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):  # not empty: an unpublished grid of the old layout
+                    os.rmdir(entry.path)
 
 
 def _z_shards(settings: CubeSettings) -> int:

@@ -1,6 +1,6 @@
 """Write one volume of one experiment for the cube, in a conversion worker.
 
-The worker writes only its experiment's own staged object (``.ambasync/staged/{id}/{volume}``
+The worker writes only its experiment's own staged object (``.ambasync/staged/{id}.{volume}``
 under the stage folder: the local store itself, or for a store at a URL the run's local stage),
 atomically, encoded with the fastest codec (blosc lz4); nothing shared, so it needs no lock and
 can run in any process on any machine. The record (written by the main process in batches once
