@@ -27,12 +27,10 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,33 +122,16 @@ def moto_floor(store: str, env: dict) -> dict:
         os.environ.update(saved)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def s3_ratios(work: Path, n: int, variants: int) -> dict:
     """The same cube (``n`` replica experiments) built on local disk and into moto's S3 server on
     127.0.0.1; the same reads from each, from fresh processes."""
     from bench.cube import prepare
+    from tests.s3_process import S3Process
 
     sources, _ = prepare(work / "s3src", n, variants)
-    port = _free_port()
-    server = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = S3Process()
+    env = server.env
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{env['AWS_ENDPOINT_URL']}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("moto server did not start")
-                time.sleep(0.2)
         subprocess.run([PY, "-c", "import boto3; boto3.client('s3').create_bucket(Bucket='bench')"],
                        env={**os.environ, **env}, check=True)
         local = work / "s3local" / "cube.zarr"
@@ -166,8 +147,7 @@ def s3_ratios(work: Path, n: int, variants: int) -> dict:
         s3_reads = _reads(url, kinds, env)
         floor = moto_floor(url, env)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.close()
     ratios = {k: round(s3_reads[k]["child"]["wall_s"] / local_reads[k]["child"]["wall_s"], 2) for k in kinds}
     return {"experiments": n, "builds_s": builds, "local": local_reads, "s3": s3_reads,
             "s3 / local (wall of open + read)": ratios, "moto_floor": floor}

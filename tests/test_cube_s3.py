@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -21,55 +18,31 @@ import xarray as xr
 
 from ambasync.replica import ReplicaConfig, serve
 from helpers import ambasync_cmd, mirror, notebook_ras
+from s3_process import S3Process, free_port
 
 pytestmark = pytest.mark.e2e  # real runs, servers or clusters: make test-fast leaves these out
 
 BUCKET = "labcube"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server in its own process on 127.0.0.1; the environment points boto at it."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.1)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    server = S3Process(start_seconds=30)
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     try:
-        yield endpoint
+        yield server.endpoint
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.close()
 
 
 def objects(prefix: str) -> dict[str, str]:
@@ -199,7 +172,7 @@ def test_an_unreachable_or_unknown_store_is_one_line_naming_it(s3, tmp_path):
     from ambasync.cube.read import open_cube
     from ambasync.errors import AnalysisError
 
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     url = f"s3://{BUCKET}/gone/cube.zarr"
     env = {**os.environ, "AWS_ENDPOINT_URL": dead, "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard",
            "AMBASYNC_OUTPUT_CUBE": url, "AMBASYNC_OUTPUT_FORMATS": "minc,cube"}
