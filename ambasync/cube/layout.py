@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ambasync.paths import CUBE_NAME
@@ -141,17 +141,14 @@ def with_recorded_tuning(settings: CubeSettings, recorded: dict | None) -> CubeS
     """``settings`` with the codecs and inner chunk a store was made with, when everything else
     matches: a better default applies to new stores only and never refuses an old one (which
     readers read the same). Anything else is returned unchanged, for the caller to refuse."""
-    import dataclasses
-
     if not recorded or any(k not in recorded for k in TUNING_KEYS):
         return settings
     mine = settings.identity()
     if {k: v for k, v in recorded.items() if k not in TUNING_KEYS} != {k: v for k, v in mine.items()
                                                                       if k not in TUNING_KEYS}:
         return settings
-    return dataclasses.replace(settings, codec=Codec(**recorded["codec"]),
-                               by_voxel_codec=Codec(**recorded["by_voxel_codec"]),
-                               volume_chunk=int(recorded["volume_chunk"]))
+    return replace(settings, codec=Codec(**recorded["codec"]),
+                   by_voxel_codec=Codec(**recorded["by_voxel_codec"]), volume_chunk=int(recorded["volume_chunk"]))
 
 
 def validate(settings: CubeSettings) -> None:

@@ -49,8 +49,10 @@ def resolve_cube(out: str | os.PathLike | None = None, cube: str | os.PathLike |
     ``cube`` (``--cube``) if given, else ``[output] cube`` from the config file or the environment,
     else ``{out}/cube.zarr`` (``out``: ``--out``, else ``[output] out``). Everything below the
     entry points takes this location as it is."""
-    return cube_location(mirror_folder(None if out is None else str(out)), mirror_cube(
-        None if cube is None else str(cube)))
+    named = mirror_cube(None if cube is None else str(cube))
+    if named:
+        return cube_location(None, named)
+    return cube_location(mirror_folder(None if out is None else str(out)))
 
 
 def cube_location(out: str | os.PathLike | None, cube: str | os.PathLike | None = None) -> str:
