@@ -44,15 +44,19 @@ def mirror_cube(cube: str | None) -> str | None:
     return load_config(None, {}).output.cube or None
 
 
-def resolve_cube(out: str | os.PathLike | None = None, cube: str | os.PathLike | None = None) -> str:
+def resolve_cube(out: str | os.PathLike | None = None, cube: str | os.PathLike | None = None,
+                 at: str | None = None) -> str:
     """The cube a command or the API reads, resolved once (as ``run`` resolves the one it writes):
     ``cube`` (``--cube``) if given, else ``[output] cube`` from the config file or the environment,
     else ``{out}/cube.zarr`` (``out``: ``--out``, else ``[output] out``). Everything below the
-    entry points takes this location as it is."""
+    entry points takes this location as it is. With ``at`` (``--at``), a cube at another version
+    is an :class:`AnalysisError` here, before any work."""
     named = mirror_cube(None if cube is None else str(cube))
-    if named:
-        return cube_location(None, named)
-    return cube_location(mirror_folder(None if out is None else str(out)))
+    location = cube_location(None, named) if named else cube_location(mirror_folder(
+        None if out is None else str(out)))
+    if at is not None:
+        open_cube(cube=location, at=at)
+    return location
 
 
 def cube_location(out: str | os.PathLike | None, cube: str | os.PathLike | None = None) -> str:

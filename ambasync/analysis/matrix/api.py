@@ -102,7 +102,7 @@ mirror_hemisphere, homologs, labels, label_table, region_means
         write_matrix,
         write_row_image,
     )
-    from ambasync.cube.read import open_cube, resolve_cube
+    from ambasync.cube.read import resolve_cube
     from ambasync.errors import AnalysisError
 
     overrides = {k: v for k, v in dict(
@@ -119,9 +119,7 @@ mirror_hemisphere, homologs, labels, label_table, region_means
         output_kind(str(to), volume)
         if not Path(to).parent.is_dir():  # before the build, which can take long
             raise AnalysisError(f"--to {to}: folder {Path(to).parent} does not exist")
-    location = resolve_cube(out, cube)
-    if at is not None:
-        open_cube(cube=location, at=at)  # another version: one line, before any work
+    location = resolve_cube(out, cube, at)  # another version: one line, before any work
     built = build_matrix(location, rec, scheduler=scheduler, progress=not quiet, **_extra(memory=memory))
     facts = dict(built.facts)
     if to is not None:

@@ -62,7 +62,7 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
     from ambasync.analysis.search.correlate import correlate, fold_change
     from ambasync.analysis.search.plot import plot_result
     from ambasync.analysis.search.tables import genes_path, write_table
-    from ambasync.cube.read import open_cube, resolve_cube
+    from ambasync.cube.read import resolve_cube
     from ambasync.errors import AnalysisError
 
     if method not in METHODS:
@@ -77,9 +77,7 @@ def run_search(out: str | os.PathLike | None = None, map: str | os.PathLike | np
         raise AnalysisError(f"--plot {plot}: the picture is written as PNG; give a name ending in .png")
     if to is not None and not Path(to).parent.is_dir():  # before the work, which can take long
         raise AnalysisError(f"{to}: the folder {Path(to).parent} does not exist")
-    location = resolve_cube(out, cube)
-    if at is not None:
-        open_cube(cube=location, at=at)  # another version: one line, before any work
+    location = resolve_cube(out, cube, at)  # another version: one line, before any work
     progress = not quiet
     if target is not None:
         if map is not None:
